@@ -1,18 +1,23 @@
 r"""White-box analysis of a checkpoint: reconstructions, attention maps, coding rate, sparsity, PCA.
 
     python -m crate_jax.analyze --init_from=/tmp/crate_demo --out=/tmp/crate_demo/analysis \
-        [--what=reconstruction,attention,coding_rate,sparsity,pca] [--images=DIR] [--num_images=64] [--layer=-1]
+        [--what=reconstruction,attention,coding_rate,sparsity,pca] [--images=DIR] [--num_images=64] [--layer=-1] \
+        [--image_size=N]
 
 `--init_from` (a training workdir or an import_torch output) is enough to rebuild the model.
 Images are the embedded dataset's probe_test split, or every .jpg/.jpeg/.png in `--images`,
-through the evaluation transform at the model's own image_size. Definitions follow
-shared/docs/crate-mae-spec.md, "White-box diagnostics". Writes to `--out`:
+through the evaluation transform (`ResizeCenterCrop`) at `--image_size` pixels: by default
+(0) the model's own image_size; any other multiple of the patch size runs every diagnostic at
+that resolution, on a larger or smaller patch grid, with the model's position table resampled
+as DINO does (bicubic, +0.1 on the scale factor; `models.layers.position_table`). Definitions
+follow shared/docs/crate-mae-spec.md, "White-box diagnostics". Writes to `--out`:
 
   summary.json           coding_rate / coding_rate_std {"encoder": [...], "decoder": [...]} and
                          sparsity / sparsity_std {"encoder": [...]}: one value per layer in layer
                          order, mean and (population) std over the images, from un-masked
                          images (mask ratio 0), cls token included; reconstruction_loss at the
-                         model's mask ratio with seeded masks; what was analysed.
+                         model's mask ratio with seeded masks; what was analysed, image_size
+                         (the size used) and model_image_size (the model's own).
   reconstruction.png     original | masked | reconstruction | reconstruction + visible patches
   attention_layer{L}.png image | cls-query attention of each head, layer L (0-based), un-masked
   attention_layers.png   every layer x head for the first image (--attention_all_layers)
@@ -115,8 +120,9 @@ def _unmasked_step(model, what: tuple[str, ...]):
     decoder_heads = model.decoder_num_heads or model.num_heads
 
     def step(params, images):
-        noise = jnp.zeros((images.shape[0], model.num_patches))  # identity order; nothing is masked
-        out = model.apply({"params": params}, images, noise=noise, capture=True)
+        rows, cols = model.patch_grid(images.shape, interpolate_pos=True)
+        noise = jnp.zeros((images.shape[0], rows * cols))  # identity order; nothing is masked
+        out = model.apply({"params": params}, images, noise=noise, capture=True, interpolate_pos=True)
         enc, dec = out.intermediates["encoder"], out.intermediates["decoder"]
         result = {}
         if "attention" in what:
@@ -138,7 +144,7 @@ def _masked_step(model):
     """Jitted (params, images, noise, weight) -> (loss * denominator, denominator, pred, mask)."""
 
     def step(params, images, noise, weight):
-        out = model.apply({"params": params}, images, noise=noise, example_weight=weight)
+        out = model.apply({"params": params}, images, noise=noise, example_weight=weight, interpolate_pos=True)
         return out.loss * out.loss_weight, out.loss_weight, out.pred, out.mask
 
     return jax.jit(step)
@@ -177,7 +183,8 @@ def reconstruct(model, params, pixels: np.ndarray, seed: int, batch_size: int, k
     do not depend on the batch size)."""
     step = _masked_step(model)
     n = len(pixels)
-    noise = np.asarray(jax.random.uniform(jax.random.key(seed), (n, model.num_patches)))
+    rows, cols = model.patch_grid(pixels.shape, interpolate_pos=True)
+    noise = np.asarray(jax.random.uniform(jax.random.key(seed), (n, rows * cols)))
     total, denom, preds, masks = 0.0, 0.0, [], []
     for i in range(0, n, batch_size):
         real = len(pixels[i : i + batch_size])
@@ -205,6 +212,7 @@ def run(
     dataset: str = embedded.NAME,
     split: str = "probe_test",
     data_dir: str | None = None,
+    image_size: int = 0,
 ) -> dict:
     """Analyses the checkpoint at `init_from`, writes PNGs and summary.json to `out`, returns the summary."""
     what = parse_what(what)
@@ -225,8 +233,14 @@ def run(
             f"--layer={layer} is outside the encoder's {model.depth} layers [-{model.depth}, {model.depth})"
         )
     layer %= model.depth
+    if image_size < 0 or image_size % model.patch_size:
+        raise ValueError(
+            f"--image_size={image_size} must be 0 (the model's own {model.image_size}) "
+            f"or a positive multiple of the patch size {model.patch_size}"
+        )
 
-    size = model.image_size
+    size = image_size or model.image_size
+    grid = size // model.patch_size  # patches per side at the analysed size
     if images:
         pixels, names = load_image_dir(images, size, num_images)
         source = {"images": images, "image_files": names}
@@ -234,10 +248,11 @@ def run(
         pixels = load_dataset_images(dataset, split, data_dir, size, num_images, batch_size)
         source = {"dataset": dataset, "split": split}
     n, shown = len(pixels), min(num_show, len(pixels))
-    logging.info("analysing %s (%s, step %s) on %d images: %s", init_from, name, meta.get("step"), n, ",".join(what))
+    step = meta.get("step")
+    logging.info("analysing %s (%s, step %s) on %d images of %d px: %s", init_from, name, step, n, size, ",".join(what))
 
-    summary: dict = {"checkpoint": str(init_from), "model": name, "step": meta.get("step"), **source}
-    summary.update(num_images=n, image_size=size, what=list(what))
+    summary: dict = {"checkpoint": str(init_from), "model": name, "step": step, **source}
+    summary.update(num_images=n, image_size=size, model_image_size=model.image_size, what=list(what))
     out_dir = epath.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     factor = math.ceil(DISPLAY_MIN_PIXELS / size)
@@ -260,7 +275,7 @@ def run(
             mean, std = _stats(got["sparsity"])
             summary["sparsity"], summary["sparsity_std"] = {"encoder": mean}, {"encoder": std}
         if "attention" in what:
-            maps = attention.to_patch_grid(got["attention"][:, :shown], model.grid_size)  # (L, B, K, G, G)
+            maps = attention.to_patch_grid(got["attention"][:, :shown], grid)  # (L, B, K, G, G)
             summary["attention_layer"] = layer
             for index in range(model.depth) if attention_all_layers else [layer]:
                 save(attention.attention_grid(display, maps[index], model.patch_size), f"attention_layer{index}.png")
@@ -269,7 +284,7 @@ def run(
                 plots.save_figure(fig, out_dir / "attention_layers.png")
                 written.append("attention_layers.png")
         if "pca" in what:
-            rgb = pca.pca_rgb(got["pca"], model.grid_size)[:shown]  # fitted over all n images
+            rgb = pca.pca_rgb(got["pca"], grid)[:shown]  # fitted over all n images
             rgb = np.repeat(np.repeat(rgb, model.patch_size, axis=1), model.patch_size, axis=2)
             rows = np.concatenate([display, (rgb * 255).round().astype(np.uint8)], axis=2)
             save(rows.reshape(-1, rows.shape[2], 3), "pca.png")
@@ -297,6 +312,9 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_images", 64, "Images to analyse (statistics, PCA fit) at most.")
     flags.DEFINE_integer("num_show", 8, "Images shown in the figures.")
     flags.DEFINE_integer("layer", -1, "Encoder layer (0-based, negative from the end) for the attention maps.")
+    flags.DEFINE_integer(
+        "image_size", 0, "Analyse at this many pixels (a multiple of the patch size; 0: the model's own size)."
+    )
     flags.DEFINE_bool("attention_all_layers", False, "Also write attention maps of every encoder layer.")
     flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
     flags.DEFINE_integer("seed", 0, "Seed of the reconstruction masks.")
@@ -334,6 +352,7 @@ def main(argv: Sequence[str]) -> None:
         dataset=f.dataset,
         split=f.split,
         data_dir=f.data_dir,
+        image_size=f.image_size,
     )
     print(json.dumps({k: summary[k] for k in summary if k not in ("files",)}, indent=1))
 

@@ -5,8 +5,10 @@
     features = crate_jax.encode(model, params, images)           # (B, width), cls token
     features = crate_jax.encode(model, params, images, pool="mean")  # mean of the patch tokens
 
-`images` are NHWC float32 at the model's image_size, ImageNet-normalised (as the input
-pipeline and `crate_jax.data.transforms` produce them).
+`images` are NHWC float32, ImageNet-normalised (as the input pipeline and
+`crate_jax.data.transforms` produce them), at the model's image_size or at any other size
+of whole patches: there the position table is the model's own resampled DINO style
+(bicubic, +0.1 on the scale factor; see `models.mae`).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ def load(path: str, **overrides) -> tuple[Any, Any]:
 @functools.partial(jax.jit, static_argnames=("model", "pool"))
 def _encode(model, params, images: jax.Array, pool: str) -> jax.Array:
     # Zero noise keeps the tokens in image order (argsort is stable); with mask_ratio 0 nothing is masked.
-    noise = jnp.zeros((images.shape[0], model.num_patches), jnp.float32)
-    latent = model.apply({"params": params}, images, noise=noise).latent  # (B, 1 + L, D), after the final norm
+    rows, cols = model.patch_grid(images.shape, interpolate_pos=True)
+    noise = jnp.zeros((images.shape[0], rows * cols), jnp.float32)
+    # (B, 1 + L, D), after the final norm; at the model's own size the table is not resampled.
+    latent = model.apply({"params": params}, images, noise=noise, interpolate_pos=True).latent
     return latent[:, 0] if pool == "cls" else latent[:, 1:].mean(axis=1)
 
 
@@ -45,5 +49,5 @@ def encode(model, params, images, pool: str = "cls") -> jax.Array:
     """(B, width) encoder features of un-masked images: the cls token or the mean patch token."""
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r} is not one of {POOLS}")
-    # A mask_ratio 0 clone: the encoder sees every patch (compiled once per model and pool).
+    # A mask_ratio 0 clone: the encoder sees every patch (compiled once per model, pool and image shape).
     return _encode(model.clone(mask_ratio=0.0), params, jnp.asarray(images, jnp.float32), pool)

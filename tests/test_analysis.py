@@ -15,8 +15,11 @@ from PIL import Image
 
 from crate_jax import analyze, api, checkpoint, models
 from crate_jax.analysis import attention, coding_rate, pca
+from crate_jax.models import layers
 
 TINY = dict(image_size=32, patch_size=4, width=64, num_heads=4, depth=2)  # decoder: 2 layers, 4 heads
+VIT_TINY = dict(TINY, decoder_width=32, decoder_depth=1, decoder_num_heads=4)  # decoder table unlike the encoder's
+TINY_MODELS = {"crate_mae_tiny": TINY, "mae_vit_small": VIT_TINY}
 HEADS, HEAD_DIM, TOKENS = 4, 16, 65  # 8x8 patches + cls
 DISPLAY = 4 * 32  # analyze enlarges 32-pixel images 4x in its figures
 # Jitted: one compile per shape instead of one per primitive in eager mode.
@@ -95,9 +98,13 @@ def test_importing_the_cli_defines_no_flags():
     assert "init_from" not in flags.FLAGS
 
 
-def _save(path, name: str, **overrides) -> str:
+def _build(name: str, **overrides):
     model = models.build(name, **overrides)
-    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+    return model, nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"])
+
+
+def _save(path, name: str, **overrides) -> str:
+    _, params = _build(name, **overrides)
     checkpoint.save_params(path, params, {"model": checkpoint.model_spec(name, overrides), "step": 0})
     return str(path)
 
@@ -131,6 +138,7 @@ def test_analyze_end_to_end_on_the_embedded_dataset(full_run):
     out, summary = full_run
     assert json.loads((out / "summary.json").read_text()) == summary
     assert summary["num_images"] == 8 and summary["model"] == "crate_mae_tiny"
+    assert summary["image_size"] == summary["model_image_size"] == 32
     for key, depth in [("encoder", 2), ("decoder", 2)]:
         for stat in ("coding_rate", "coding_rate_std"):
             assert len(summary[stat][key]) == depth and np.all(np.isfinite(summary[stat][key]))
@@ -190,6 +198,9 @@ def test_bad_arguments_name_the_flag(crate_ckpt, tmp_path):
         analyze.run(crate_ckpt, "attention", str(tmp_path), layer=2)
     with pytest.raises(FileNotFoundError, match="--images="):
         analyze.run(crate_ckpt, "attention", str(tmp_path), images=str(tmp_path / "missing"))
+    for size in (30, -4):
+        with pytest.raises(ValueError, match=rf"^--image_size={size} must be .*patch size 4$"):
+            analyze.run(crate_ckpt, "attention", str(tmp_path), image_size=size)
 
 
 def test_vit_checkpoint(image_dir, tmp_path):
@@ -214,3 +225,92 @@ def test_encode(crate_ckpt):
     np.testing.assert_allclose(mean, latent[:, 1:].mean(axis=1), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="pool='max'"):
         api.encode(model, params, images, pool="max")
+
+
+def _forward(model, params, images, noise, interpolate_pos):
+    """The model's output and, intercepted, what its submodules built: patch_embed / decoder_embed
+    outputs and the encoder / decoder stacks' inputs."""
+    seen = {}
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        name = context.module.name
+        if context.method_name == "__call__" and name in ("patch_embed", "decoder_embed"):
+            seen[name] = out
+        if context.method_name == "__call__" and name in ("encoder", "decoder"):
+            seen[name] = args[0]
+        return out
+
+    def forward(params, images, noise):
+        with nn.intercept_methods(record):
+            out = model.apply({"params": params}, images, noise=noise, capture=True, interpolate_pos=interpolate_pos)
+        return out, dict(seen)
+
+    return jax.jit(forward)(params, images, noise)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_interpolate_pos_at_the_own_size_changes_nothing(name):
+    model, params = _build(name, **TINY_MODELS[name])
+    images = jax.random.normal(jax.random.key(4), (2, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(5), (2, 64))  # the model's mask ratio: masked tokens too
+    old, _ = _forward(model, params, images, noise, interpolate_pos=False)
+    new, _ = _forward(model, params, images, noise, interpolate_pos=True)
+    jax.tree.map(np.testing.assert_array_equal, new, old)
+    with pytest.raises(ValueError, match=r"images must be \(batch, 32, 32, 3\) NHWC, got \(2, 48, 48, 3\)"):
+        model.apply({"params": params}, jnp.zeros((2, 48, 48, 3)))  # other sizes only when asked for
+    with pytest.raises(ValueError, match=r"multiples of patch_size=4 \(interpolate_pos=True\), got \(2, 30, 32, 3\)"):
+        model.apply({"params": params}, jnp.zeros((2, 30, 32, 3)), interpolate_pos=True)
+
+
+def test_position_table_is_the_own_table_resampled():
+    own = layers.sincos_table_2d(64, 8, 8)
+    np.testing.assert_array_equal(layers.position_table(64, 8), own)
+    np.testing.assert_array_equal(layers.position_table(64, 8, (8, 8)), own)
+    table = layers.position_table(64, 8, (12, 12))
+    np.testing.assert_array_equal(table, layers.interpolate_table(own, (8, 8), (12, 12)))
+    assert table.shape == (1 + 144, 64) and table.dtype == np.float32
+    np.testing.assert_array_equal(table[0], 0.0)  # the cls row is kept
+    assert np.abs(table - layers.sincos_table_2d(64, 12, 12)).max() > 0.1  # not a fresh 12x12 table
+
+
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_other_sizes_add_the_resampled_table(name):
+    """At 48 px (grid 8 -> 12) the tokens entering the encoder (and ViT-MAE's decoder) carry
+    `position_table(width, 8, (12, 12))`, and every output follows the 12x12 grid."""
+    model, params = _build(name, **TINY_MODELS[name], mask_ratio=0.0)
+    images = jax.random.normal(jax.random.key(6), (2, 48, 48, 3))
+    assert model.patch_grid(images.shape, interpolate_pos=True) == (12, 12)
+    out, seen = _forward(model, params, images, jnp.zeros((2, 144)), interpolate_pos=True)
+    cls = jnp.broadcast_to(params["cls_token"], (2, 1, 64))
+    added = seen["encoder"] - jnp.concatenate([cls, seen["patch_embed"]], axis=1)
+    np.testing.assert_allclose(added, np.broadcast_to(layers.position_table(64, 8, (12, 12)), added.shape), atol=1e-6)
+    if name == "mae_vit_small":  # the decoder's own table, resampled likewise
+        added = seen["decoder"] - seen["decoder_embed"]
+        want = layers.position_table(32, 8, (12, 12))
+        np.testing.assert_allclose(added, np.broadcast_to(want, added.shape), atol=1e-6)
+    assert out.pred.shape == (2, 144, 48) and out.mask.shape == (2, 144) and out.latent.shape == (2, 145, 64)
+    maps = attention.cls_attention(out.intermediates["encoder"]["attn"])
+    assert maps.shape == (2, 2, 4, 144)  # (layers, images, heads, patches of the 12x12 grid)
+    assert attention.to_patch_grid(maps, 12).shape == (2, 2, 4, 12, 12)
+
+
+def test_analyze_at_another_image_size(crate_ckpt, image_dir, tmp_path):
+    summary = analyze.run(crate_ckpt, analyze.WHAT, str(tmp_path), images=str(image_dir), image_size=48)
+    assert summary["image_size"] == 48 and summary["model_image_size"] == 32
+    for stat, part in [("coding_rate", "encoder"), ("coding_rate", "decoder"), ("sparsity", "encoder")]:
+        assert len(summary[stat][part]) == 2 and np.all(np.isfinite(summary[stat][part]))
+    assert np.isfinite(summary["reconstruction_loss"])
+    display = 3 * 48  # enlarged 3x to reach 128 pixels
+    sizes = {"attention_layer1.png": 5, "pca.png": 2, "reconstruction.png": 4}  # panels per row
+    for name, panels in sizes.items():
+        pixels = _png(tmp_path / name)
+        assert pixels.shape[:2] == (3 * display, panels * display), name
+        assert pixels.std() > 10, f"{name} is flat"
+
+
+def test_encode_at_another_size(crate_ckpt):
+    model, params = api.load(crate_ckpt)
+    images = jax.random.normal(jax.random.key(7), (2, 48, 48, 3))
+    out, _ = _forward(model.clone(mask_ratio=0.0), params, images, jnp.zeros((2, 144)), interpolate_pos=True)
+    np.testing.assert_allclose(api.encode(model, params, images), out.latent[:, 0], rtol=1e-5, atol=1e-6)

@@ -4,9 +4,11 @@ As in DINO's `visualize_attention.py`: the cls row of the softmax attention with
 (cls) column, reshaped to the patch grid, upsampled to pixels by nearest-neighbour repetition
 of each patch, one map per head, each map min-max scaled for display.
 
-The model only accepts images of its own `image_size`; maps at another resolution would need
-the position table resampled inside the model (`models.layers.interpolate_table`, DINO's
-bicubic with the +0.1 offset), which the analysis does not do: it resizes images instead.
+Maps at another resolution, as DINO draws them: the images are prepared at that size (a
+multiple of the patch size; `analyze --image_size`) and the model is called with
+`interpolate_pos=True`, which resamples its own position table to the larger or smaller patch
+grid (`models.layers.position_table`: DINO's bicubic with the +0.1 offset on the scale factor).
+The functions here take the grid size of the maps they are given, whatever it is.
 """
 
 from __future__ import annotations

@@ -142,6 +142,14 @@ def interpolate_table(table: np.ndarray, grid: tuple[int, int], new_grid: tuple[
     return np.concatenate([cls_row, out.astype(table.dtype)], axis=0)
 
 
+def position_table(width: int, grid_size: int, new_grid: tuple[int, int] | None = None) -> np.ndarray:
+    """The models' fixed sin-cos table (1 + g*g, width) for their own g x g grid, or that same
+    table resampled to `new_grid` (rows, cols) by `interpolate_table`, as DINO resamples a
+    learned table; not a fresh sin-cos table of the new grid. A numpy constant for tracing."""
+    table = sincos_table_2d(width, grid_size, grid_size)
+    return table if new_grid is None else interpolate_table(table, (grid_size, grid_size), tuple(new_grid))
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
     """LayerNorm over the last axis in fp32 (biased variance, as PyTorch), output in `dtype`.
 

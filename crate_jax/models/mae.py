@@ -8,16 +8,24 @@ Both models share one call signature and one output type:
 `images` are NHWC float32 as the input pipeline yields them (ImageNet-normalised).
 If `noise` (B, num_patches) is given, the mask follows from it exactly as MAE's
 `random_masking`; otherwise it is drawn from the "mask" RNG stream.
+
+Images are (B, image_size, image_size, 3) unless the call passes `interpolate_pos=True`
+(analysis at other resolutions): then any height and width of whole patches is accepted,
+`model.patch_grid(images.shape, True)` gives the patch grid (rows, cols) that `noise`,
+`pred` and `mask` follow, and the position tables are the model's own resampled to that
+grid as DINO does (`layers.position_table`: bicubic, +0.1 on the scale factor).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from crate_jax.models.crate import DecoderLayer, EncoderLayer, layer_norm
 from crate_jax.models.layers import (
@@ -27,7 +35,7 @@ from crate_jax.models.layers import (
     PatchEmbed,
     dense_dot_general,
     patchify,
-    sincos_table_2d,
+    position_table,
     token_init,
     xavier_uniform,
 )
@@ -108,24 +116,36 @@ class _MAEBase(nn.Module):
     def num_patches(self) -> int:
         return self.grid_size**2
 
-    def _check_images(self, images: jax.Array) -> None:
-        if self.image_size % self.patch_size:
+    def patch_grid(self, shape: Sequence[int], interpolate_pos: bool = False) -> tuple[int, int]:
+        """(rows, cols) of patches of NHWC images of `shape`, checked: the model's own grid,
+        or with `interpolate_pos` that of any height and width of whole patches."""
+        size, p = self.image_size, self.patch_size
+        if size % p:
+            raise ValueError(f"model.image_size={size} is not divisible by model.patch_size={p}")
+        shape = tuple(shape)
+        if not interpolate_pos:
+            if len(shape) != 4 or shape[1:] != (size, size, 3):
+                raise ValueError(f"images must be (batch, {size}, {size}, 3) NHWC, got {shape}")
+            return self.grid_size, self.grid_size
+        if len(shape) != 4 or shape[3] != 3 or min(shape[1:3]) < p or shape[1] % p or shape[2] % p:
             raise ValueError(
-                f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
+                f"images must be (batch, H, W, 3) NHWC with H and W positive multiples of patch_size={p} "
+                f"(interpolate_pos=True), got {shape}"
             )
-        if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
-            raise ValueError(
-                f"images must be (batch, {self.image_size}, {self.image_size}, 3) NHWC, got {images.shape}"
-            )
+        return shape[1] // p, shape[2] // p
 
-    def _noise(self, batch: int, noise: jax.Array | None) -> jax.Array:
+    def _pos_table(self, width: int, grid: tuple[int, int]) -> np.ndarray:
+        """(1 + rows*cols, width): the own grid's sin-cos table, resampled to `grid` if it differs."""
+        return position_table(width, self.grid_size, grid)
+
+    def _noise(self, batch: int, num_patches: int, noise: jax.Array | None) -> jax.Array:
         if noise is not None:
-            if noise.shape != (batch, self.num_patches):
-                raise ValueError(f"noise must have shape {(batch, self.num_patches)}, got {noise.shape}")
+            if noise.shape != (batch, num_patches):
+                raise ValueError(f"noise must have shape {(batch, num_patches)}, got {noise.shape}")
             return noise
         # `model.init(key, images)` provides only the params stream.
         key = self.make_rng("mask") if self.has_rng("mask") or not self.is_initializing() else self.make_rng("params")
-        return jax.random.uniform(key, (batch, self.num_patches))
+        return jax.random.uniform(key, (batch, num_patches))
 
     def _token(self, name: str, width: int) -> jax.Array:
         return self.param(
@@ -181,8 +201,10 @@ class CrateMAE(_MAEBase):
         noise: jax.Array | None = None,
         capture: bool = False,
         example_weight: jax.Array | None = None,
+        interpolate_pos: bool = False,
     ) -> MAEOutput:
-        self._check_images(images)
+        grid = self.patch_grid(images.shape, interpolate_pos)
+        num_patches = grid[0] * grid[1]
         if self.encoder_tokens not in ENCODER_TOKENS:
             raise ValueError(f"model.encoder_tokens={self.encoder_tokens!r} is not one of {ENCODER_TOKENS}")
         batch = images.shape[0]
@@ -192,8 +214,8 @@ class CrateMAE(_MAEBase):
         cls_token = self._token("cls_token", self.width).astype(x.dtype)
         mask_token = self._token("mask_token", self.width).astype(x.dtype)
         # The release stores this table as `decoder_pos_embed` and adds it once, to all tokens.
-        pos = jnp.asarray(sincos_table_2d(self.width, self.grid_size, self.grid_size), x.dtype)
-        mask, ids_keep, ids_restore = random_masking(self._noise(batch, noise), self.mask_ratio)
+        pos = jnp.asarray(self._pos_table(self.width, grid), x.dtype)
+        mask, ids_keep, ids_restore = random_masking(self._noise(batch, num_patches, noise), self.mask_ratio)
         cls = jnp.broadcast_to(cls_token, (batch, 1, self.width)) + pos[:1]
 
         if self.encoder_tokens == "all":
@@ -216,7 +238,7 @@ class CrateMAE(_MAEBase):
         z = latent
         if self.encoder_tokens == "visible":
             # Mask tokens join after the encoder, each with its own position row.
-            pad = jnp.zeros((batch, self.num_patches - ids_keep.shape[1], self.width), latent.dtype)
+            pad = jnp.zeros((batch, num_patches - ids_keep.shape[1], self.width), latent.dtype)
             patches = jnp.take_along_axis(jnp.concatenate([latent[:, 1:], pad], axis=1), ids_restore[..., None], axis=1)
             patches = jnp.where(mask[..., None] > 0, mask_token + pos[None, 1:], patches)
             z = jnp.concatenate([latent[:, :1], patches], axis=1)
@@ -244,14 +266,16 @@ class ViTMAE(_MAEBase):
         noise: jax.Array | None = None,
         capture: bool = False,
         example_weight: jax.Array | None = None,
+        interpolate_pos: bool = False,
     ) -> MAEOutput:
-        self._check_images(images)
+        grid = self.patch_grid(images.shape, interpolate_pos)
+        num_patches = grid[0] * grid[1]
         batch = images.shape[0]
         x = PatchEmbed(self.patch_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(
             images
         )
-        pos = jnp.asarray(sincos_table_2d(self.width, self.grid_size, self.grid_size), x.dtype)
-        mask, ids_keep, ids_restore = random_masking(self._noise(batch, noise), self.mask_ratio)
+        pos = jnp.asarray(self._pos_table(self.width, grid), x.dtype)
+        mask, ids_keep, ids_restore = random_masking(self._noise(batch, num_patches, noise), self.mask_ratio)
         x = jnp.take_along_axis(x + pos[1:], ids_keep[..., None], axis=1)
         cls = jnp.broadcast_to(self._token("cls_token", self.width).astype(x.dtype) + pos[:1], (batch, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
@@ -271,10 +295,10 @@ class ViTMAE(_MAEBase):
         )(latent)
         mask_token = self._token("mask_token", self.decoder_width).astype(y.dtype)
         len_keep = ids_keep.shape[1]
-        fill = jnp.broadcast_to(mask_token, (batch, self.num_patches - len_keep, self.decoder_width))
+        fill = jnp.broadcast_to(mask_token, (batch, num_patches - len_keep, self.decoder_width))
         patches = jnp.take_along_axis(jnp.concatenate([y[:, 1:], fill], axis=1), ids_restore[..., None], axis=1)
         y = jnp.concatenate([y[:, :1], patches], axis=1)
-        y = y + jnp.asarray(sincos_table_2d(self.decoder_width, self.grid_size, self.grid_size), y.dtype)
+        y = y + jnp.asarray(self._pos_table(self.decoder_width, grid), y.dtype)
         y, dec_aux = self._stack(
             ViTBlock,
             dict(block, width=self.decoder_width, num_heads=self.decoder_num_heads),
