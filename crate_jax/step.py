@@ -53,8 +53,15 @@ def abstract_state_from(init_variables, tx_factory, mesh: Mesh, rules) -> tuple[
     tx = tx_factory(params)
     opt_state = jax.eval_shape(tx.init, params)
     repl = sharding.replicated(mesh)
+    # Parameter-shaped leaves take their parameter's sharding; `MaskedNode`s (the parameters an
+    # `optax.multi_transform` / `masked` branch keeps no state for) stay empty.
     opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, opt_state, param_shardings, transform_non_params=lambda _: repl
+        tx,
+        lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s,
+        opt_state,
+        param_shardings,
+        transform_non_params=lambda _: repl,
+        is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     state = TrainState(step=scalar, params=params, opt_state=opt_state, model_state=nn.unbox(boxed))

@@ -135,9 +135,9 @@ def test_classifier_features_are_the_encoders(name, pool):
 
 def test_drop_path_only_in_training():
     x = jax.random.normal(jax.random.key(0), (16, 5, 32))
-    layer = EncoderLayer(32, 2, drop_path_rate=0.5, deterministic=False)
+    layer = EncoderLayer(32, 2, deterministic=False)
     params = layer.init(jax.random.key(1), x)["params"]
-    deterministic, _ = layer.clone(deterministic=True).apply({"params": params}, x)
+    deterministic, _ = layer.clone(deterministic=True).apply({"params": params}, x, 0.5)
     plain, _ = EncoderLayer(32, 2).apply({"params": params}, x)
     np.testing.assert_array_equal(deterministic, plain)
 
@@ -148,10 +148,23 @@ def test_drop_path_only_in_training():
         return EncoderLayer(32, 2).apply({"params": p}, x)[0]
 
     dropped, kept = scaled_branch(0.0), scaled_branch(2.0)
-    trained, _ = layer.apply({"params": params}, x, rngs={"dropout": jax.random.key(2)})
+    trained, _ = layer.apply({"params": params}, x, 0.5, rngs={"dropout": jax.random.key(2)})
     is_dropped = np.all(np.isclose(trained, dropped, atol=1e-5), axis=(1, 2))
     is_kept = np.all(np.isclose(trained, kept, atol=1e-5), axis=(1, 2))
     assert np.all(is_dropped ^ is_kept) and 0 < is_dropped.sum() < 16
+
+
+def test_vit_classifier_takes_drop_path():
+    mae = models.build("mae_vit_small", **dict(TINY, decoder_width=64, scan_layers=True))
+    model = classifier.from_autoencoder(
+        mae, num_classes=10, head="finetune", pool="mean", head_init_std=0.01, drop_path_rate=0.1
+    )
+    variables = nn.unbox(jax.jit(classifier.init_variables(model))(jax.random.key(0)))
+    images = jax.random.normal(jax.random.key(1), (8, 32, 32, 3))
+    plain = model.clone(drop_path_rate=0.0).apply(variables, images)
+    np.testing.assert_array_equal(model.apply(variables, images), plain)  # evaluation: no drop-path
+    trained = model.apply(variables, images, train=True, rngs={"dropout": jax.random.key(2)})
+    assert np.all(np.isfinite(trained)) and not np.allclose(trained, plain, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- trained protocols
@@ -175,6 +188,18 @@ def test_linear_probe_fair_trains_the_head_only(tmp_path, pretrained, data_dir):
     assert json.loads((tmp_path / "linear_probe.json").read_text())["eval_accuracy"] == evals[-1]["eval_accuracy"]
     logits = model.apply(variables, jnp.zeros((2, 32, 32, 3)))
     assert logits.shape == (2, 18)
+
+
+def test_linear_probe_optimizer_keeps_no_encoder_state():
+    config = load_config(f"{ROOT}/configs/linear_probe.py:dataset=embedded")
+    params = {"encoder": {"w": jnp.ones((64, 64))}, "head": {"kernel": jnp.ones((64, 18)), "bias": jnp.ones(18)}}
+    tx = linear_probe.make_optimizer(config, optax.constant_schedule(0.1), params)
+    state = tx.init(params)
+    sizes = [x.size for x in jax.tree.leaves(state) if x.ndim > 0]
+    assert sorted(sizes) == [18, 64 * 18]  # the head's momentum only
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, state, params)
+    assert not np.any(updates["encoder"]["w"]) and np.all(updates["head"]["kernel"] != 0)
 
 
 def test_finetune_trains_everything_with_mixup(tmp_path, pretrained, data_dir):

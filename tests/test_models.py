@@ -8,7 +8,10 @@ import pytest
 from flax import traverse_util
 
 from crate_jax import models
+from crate_jax.models.crate import EncoderLayer, drop_path
 from crate_jax.models.layers import interpolate_table, patchify, sincos_table_2d, unpatchify
+from crate_jax.models.stack import LayerStack, drop_path_schedule
+from crate_jax.models.vit import ViTBlock
 
 TINY = dict(image_size=32, patch_size=4, width=64, num_heads=4, depth=2)
 
@@ -113,6 +116,77 @@ def test_capture_returns_per_layer_intermediates(tiny):
     np.testing.assert_allclose(enc["attn"].sum(-1), 1.0, rtol=1e-5)
     assert float(enc["ista"].min()) >= 0.0  # ISTA outputs are non-negative
     assert model.apply({"params": params}, images, noise=jnp.zeros((8, 64))).intermediates == {}
+
+
+def test_drop_path_drops_at_the_rate_and_rescales():
+    x = jax.random.normal(jax.random.key(0), (20000, 2, 3))
+    jitted = jax.jit(drop_path)  # the rate traced, as in a scanned layer
+    np.testing.assert_array_equal(jitted(x, 0.0, jax.random.key(1)), x)  # exactly the identity
+    out = np.asarray(jitted(x, 0.3, jax.random.key(1)))
+    dropped = np.all(out == 0, axis=(1, 2))
+    assert abs(dropped.mean() - 0.3) < 0.02  # binomial std 0.003
+    np.testing.assert_allclose(out[~dropped], np.asarray(x)[~dropped] / 0.7, rtol=1e-6)
+    assert drop_path(x.astype(jnp.bfloat16), 0.1, jax.random.key(1)).dtype == jnp.bfloat16
+
+
+class _RateProbe(nn.Module):
+    """A stack layer that reports the rate it is given and which of 4096 examples it drops."""
+
+    capture: bool = True
+
+    @nn.compact
+    def __call__(self, x, drop_path_rate=None):
+        kept = drop_path(jnp.ones((4096, 1, 1)), drop_path_rate, self.make_rng("dropout"))[:, 0, 0] > 0
+        return x, {"rate": jnp.asarray(drop_path_rate, jnp.float32), "kept": kept}
+
+
+@pytest.mark.parametrize("scan,remat", [(False, "none"), (True, "none"), (False, "full"), (True, "full")])
+def test_stack_gives_each_layer_its_linear_drop_path_rate(scan, remat):
+    np.testing.assert_allclose(drop_path_schedule(0.3, 4), [0.0, 0.1, 0.2, 0.3], atol=1e-7)
+    stack = LayerStack(_RateProbe, {}, 4, scan=scan, remat=remat, capture=True, drop_path_rate=0.3)
+    _, aux = stack.apply({}, jnp.zeros(2), rngs={"dropout": jax.random.key(0)})
+    np.testing.assert_allclose(aux["rate"], drop_path_schedule(0.3, 4))
+    np.testing.assert_allclose(1 - aux["kept"].mean(axis=1), [0.0, 0.1, 0.2, 0.3], atol=0.025)
+    assert not np.array_equal(aux["kept"][2], aux["kept"][3])  # each layer draws its own mask
+
+
+DROP_PATH_LAYERS = [
+    (EncoderLayer, dict(width=64, num_heads=4)),
+    (ViTBlock, dict(width=64, num_heads=4, mlp_ratio=2.0)),
+]
+
+
+@pytest.mark.parametrize("layer_cls,kwargs", DROP_PATH_LAYERS, ids=["crate", "vit"])
+def test_drop_path_stacks_scanned_and_unrolled(layer_cls, kwargs):
+    x = jax.random.normal(jax.random.key(0), (8, 5, 64))
+
+    def run(scan, train, rate, remat="none", params=None):
+        stack = LayerStack(layer_cls, dict(kwargs, deterministic=not train), 3, scan, remat, drop_path_rate=rate)
+        if params is None:
+            params = nn.unbox(stack.init(jax.random.key(1), x)["params"])
+        else:
+            params = models.to_layout({"encoder": params}, scan)["encoder"]
+        apply = jax.jit(lambda p: stack.apply({"params": p}, x, rngs={"dropout": jax.random.key(2)})[0])
+        return apply(params), params
+
+    unrolled, params = run(False, False, 0.0)
+    for train, rate in ((False, 0.3), (True, 0.0)):  # no drop-path: the same function either way
+        np.testing.assert_allclose(run(True, train, rate, params=params)[0], unrolled, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(run(False, train, rate, params=params)[0], unrolled)
+    for scan in (False, True):
+        trained = run(scan, True, 0.3, remat="full", params=params)[0]
+        assert np.all(np.isfinite(trained)) and not np.allclose(trained, unrolled, atol=1e-3)
+    # At rate 1 every residual branch is dropped: a ViT block is the identity, a CRATE layer ISTA(LN2(Z)).
+    layer = layer_cls(**kwargs, deterministic=False)
+    layer_params = params["layer_0"]
+    out, _ = layer.apply({"params": layer_params}, x, 1.0, rngs={"dropout": jax.random.key(3)})
+    if layer_cls is ViTBlock:
+        np.testing.assert_array_equal(out, x)
+    else:
+        no_mssa = jax.tree_util.tree_map_with_path(
+            lambda path, v: v * 0 if "to_out" in jax.tree_util.keystr(path) else v, layer_params
+        )
+        np.testing.assert_allclose(out, layer.apply({"params": no_mssa}, x)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_every_parameter_has_logical_axis_names():

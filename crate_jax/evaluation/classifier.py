@@ -12,8 +12,9 @@ at mask ratio 0 (`api.encode`), then:
   head="finetune"  pool="mean": mean of the patch tokens (no final norm) -> LayerNorm -> Dense;
                    pool="cls": final norm -> cls token -> Dense   (FAIR's fine-tuning model)
 
-`drop_path_rate` drops the MSSA residual of every CRATE encoder layer in training (the same
-rate in every layer; FAIR ramps it linearly from 0 over depth).
+`drop_path_rate` is stochastic depth in training, FAIR/timm's linear schedule: 0 in the first
+encoder layer rising to `drop_path_rate` in the last. It drops the MSSA residual of a CRATE
+layer (ISTA has no identity branch) and both residuals of a ViT block.
 
 Checkpoints of these runs store the backbone spec plus `{"classifier": {...}}` in
 meta["model"]; `load_classifier(path)` rebuilds the classifier and its variables from them.
@@ -82,18 +83,14 @@ class Classifier(nn.Module):
         pos = jnp.asarray(sincos_table_2d(self.width, grid, grid), x.dtype)
         cls = jnp.broadcast_to(cls_token, (images.shape[0], 1, self.width)) + pos[:1]
         x = jnp.concatenate([cls, x + pos[1:]], axis=1)
-        kwargs = dict(self.layer_kwargs, width=self.width, num_heads=self.num_heads)
-        if self.arch == "crate":
-            layer_cls = EncoderLayer
-            kwargs |= dict(drop_path_rate=self.drop_path_rate, deterministic=not train)
-        else:
-            layer_cls = ViTBlock
+        kwargs = dict(self.layer_kwargs, width=self.width, num_heads=self.num_heads, deterministic=not train)
         z, _ = LayerStack(
-            layer_cls,
+            EncoderLayer if self.arch == "crate" else ViTBlock,
             flax.core.FrozenDict(kwargs, dtype=self.dtype, param_dtype=self.param_dtype),
             self.depth,
             scan=self.scan_layers,
             remat=self.remat,
+            drop_path_rate=self.drop_path_rate,
             name="encoder",
         )(x)
         return z
@@ -129,11 +126,6 @@ def from_autoencoder(
         )
     else:
         arch, layer_kwargs = "vit", dict(mlp_ratio=mae.mlp_ratio)
-        if drop_path_rate > 0:
-            raise ValueError(
-                f"config.drop_path_rate={drop_path_rate}: drop-path is implemented for CRATE encoder layers only "
-                "(the ViT block has no drop-path field); set it to 0 for a ViT-MAE backbone"
-            )
     return Classifier(
         arch=arch,
         image_size=mae.image_size,

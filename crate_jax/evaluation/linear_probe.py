@@ -22,9 +22,9 @@ from crate_jax.evaluation import classify
 PROTOCOLS = ("fair", "logistic")
 
 
-def frozen_mask(params):
-    """True for the encoder's parameters (everything but the head)."""
-    return {k: jax.tree.map(lambda _, k=k: k != "head", v) for k, v in params.items()}
+def param_labels(params):
+    """ "frozen" for the encoder's parameters, "head" for the head's."""
+    return {k: jax.tree.map(lambda _, k=k: "head" if k == "head" else "frozen", v) for k, v in params.items()}
 
 
 def make_optimizer(config, schedule: optax.Schedule, params) -> optax.GradientTransformation:
@@ -32,22 +32,20 @@ def make_optimizer(config, schedule: optax.Schedule, params) -> optax.GradientTr
 
     For the head's parameters of rank > 1: add weight decay, scale by the trust ratio
     trust_coefficient x |w| / |update| (1 where either norm is 0); then momentum for all;
-    then the learning rate (after the momentum, as PyTorch's SGD). The encoder's gradients
-    are zeroed first, so its momentum stays 0 and its parameters bit-identical. (Its momentum
-    buffers do exist: `step.abstract_state_from` cannot shard an `optax.multi_transform`
-    state, whose masked leaves would hold nothing.)"""
+    then the learning rate (after the momentum, as PyTorch's SGD). The encoder's updates are
+    zeros and it keeps no optimizer state (no momentum buffers the size of the encoder)."""
     oc = config.optim
     if oc.name != "lars":
         raise ValueError(f"config.optim.name={oc.name!r}: the linear probe supports 'lars'")
-    frozen = frozen_mask(params)
-    head_matrices = jax.tree.map(lambda p, f: len(p.shape) > 1 and not f, params, frozen)
-    return optax.chain(
-        optax.masked(optax.set_to_zero(), frozen),
+    labels = param_labels(params)
+    head_matrices = jax.tree.map(lambda p, label: len(p.shape) > 1 and label == "head", params, labels)
+    head = optax.chain(
         optax.add_decayed_weights(oc.weight_decay, mask=head_matrices),
         optax.masked(optax.scale_by_trust_ratio(trust_coefficient=oc.trust_coefficient), head_matrices),
         optax.trace(decay=oc.momentum),
         optax.scale_by_learning_rate(schedule),
     )
+    return optax.multi_transform({"head": head, "frozen": optax.set_to_zero()}, labels)
 
 
 def make_task(config):

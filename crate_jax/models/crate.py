@@ -162,18 +162,25 @@ class ISTA(nn.Module):
         return jax.nn.relu(y + self.step * residual - self.step * self.lam)
 
 
-def drop_path(x_BxNxD: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Stochastic depth: zero the branch of each example with probability `rate`."""
-    keep_Bx1x1 = jax.random.bernoulli(key, 1.0 - rate, (x_BxNxD.shape[0], 1, 1))
-    return jnp.where(keep_Bx1x1, x_BxNxD / (1.0 - rate), jnp.zeros((), x_BxNxD.dtype)).astype(x_BxNxD.dtype)
+def drop_path(x_BxNxD: jax.Array, rate: float | jax.Array, key: jax.Array) -> jax.Array:
+    """Stochastic depth: zero the branch of each example with probability `rate` and scale
+    the kept ones by 1 / (1 - rate). `rate` may be traced (a scanned layer's); rate 0 is
+    exactly the identity (every scale is 1.0)."""
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    kept_Bx1x1 = jax.random.bernoulli(key, keep, (x_BxNxD.shape[0], 1, 1))
+    # At rate 1 nothing is kept, so the where never picks 1 / keep = inf.
+    scale_Bx1x1 = jnp.where(kept_Bx1x1, 1.0 / keep, 0.0)
+    return (x_BxNxD * scale_Bx1x1).astype(x_BxNxD.dtype)  # scaled in fp32: 1 / 0.9 is far from exact in bf16
 
 
 class EncoderLayer(nn.Module):
     """Z + MSSA(LN1(Z)), then an ISTA step on LN2 of that (the skip is from the normalised Y).
 
-    `drop_path_rate > 0` with `deterministic=False` drops the MSSA branch per example
-    (stochastic depth, kept branches scaled by 1 / (1 - rate), the "dropout" RNG); the ISTA
-    step has no identity branch to drop (see the spec, "Regularisation").
+    A `drop_path_rate` argument (this layer's, from LayerStack's linear schedule: 0 in the
+    first layer up to the stack's rate in the last) with `deterministic=False` drops the MSSA
+    branch per example (stochastic depth, kept branches scaled by 1 / (1 - rate), the
+    "dropout" RNG); the ISTA step has no identity branch to drop (see the spec,
+    "Regularisation").
     """
 
     width: int
@@ -182,20 +189,19 @@ class EncoderLayer(nn.Module):
     ista_lambda: float = 0.5
     ista_fused: bool = True
     capture: bool = False
-    drop_path_rate: float = 0.0
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, z_BxNxD: jax.Array, _=None) -> tuple[jax.Array, dict]:
+    def __call__(self, z_BxNxD: jax.Array, drop_path_rate: float | jax.Array | None = None) -> tuple[jax.Array, dict]:
         z_BxNxD = constrain(z_BxNxD)
         ln = lambda name: layer_norm(LAYER_NORM_EPS, self.dtype, self.param_dtype, name)  # noqa: E731
         attn_out, attn, qkv = MSSA(self.width, self.num_heads, self.dtype, self.param_dtype, name="mssa")(
             ln("norm1")(z_BxNxD)
         )
-        if self.drop_path_rate > 0.0 and not self.deterministic:
-            attn_out = drop_path(attn_out, self.drop_path_rate, self.make_rng("dropout"))
+        if drop_path_rate is not None and not self.deterministic:
+            attn_out = drop_path(attn_out, drop_path_rate, self.make_rng("dropout"))
         z_half = z_BxNxD + attn_out
         z_next = ISTA(
             self.width,

@@ -1,10 +1,16 @@
 """A stack of identical layers: unrolled or `nn.scan`ned, with an optional remat policy.
 
-Every layer module takes `(x, _)` and returns `(x, aux)`, where `aux` is a dict of
-per-layer intermediates (empty unless `capture=True`). The stack returns the final
+Every layer module takes `(x, drop_path_rate)` and returns `(x, aux)`, where `aux` is a
+dict of per-layer intermediates (empty unless `capture=True`). The stack returns the final
 activations and `aux` stacked over layers, so scanned and unrolled stacks look alike to
 their callers. Unrolled layers are named `layer_{i}`; a scanned stack holds one `layers`
 subtree whose parameters carry a leading `layers` axis.
+
+Stochastic depth follows FAIR/timm: layer i's rate is `drop_path_schedule(rate, depth)[i]`,
+rising linearly from 0 in the first layer to `drop_path_rate` in the last. The rate is the
+second argument because that is the scan's per-layer input: a scanned layer sees a traced
+scalar, an unrolled one a float. Without drop-path it is None; layers with no identity
+branch to drop ignore it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ def check_remat(remat: str) -> None:
         raise ValueError(f"model.remat={remat!r} is not one of {sorted(REMAT_POLICIES)}")
 
 
+def drop_path_schedule(rate: float, depth: int) -> np.ndarray:
+    """(depth,) per-layer drop-path rates, timm's `linspace(0, drop_path_rate, depth)`."""
+    return np.linspace(0.0, rate, depth, dtype=np.float32)
+
+
 class LayerStack(nn.Module):
     """`depth` copies of `layer_cls(**layer_kwargs)`."""
 
@@ -41,6 +52,7 @@ class LayerStack(nn.Module):
     scan: bool = False
     remat: str = "none"
     capture: bool = False
+    drop_path_rate: float = 0.0  # the last layer's rate (see the module docstring)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
@@ -50,6 +62,8 @@ class LayerStack(nn.Module):
             # Under scan the loop already stops CSE from undoing remat.
             cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         kwargs = dict(self.layer_kwargs, capture=self.capture)
+        # None when off, so the layers ask for no "dropout" RNG (pretraining passes none).
+        rates = drop_path_schedule(self.drop_path_rate, self.depth) if self.drop_path_rate > 0 else None
         if self.scan:
             scanned = nn.scan(
                 cls,
@@ -58,10 +72,10 @@ class LayerStack(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
-            return scanned(**kwargs, name="layers")(x, None)
+            return scanned(**kwargs, name="layers")(x, None if rates is None else jnp.asarray(rates))
         auxes = []
         for i in range(self.depth):
-            x, aux = cls(**kwargs, name=f"layer_{i}")(x, None)
+            x, aux = cls(**kwargs, name=f"layer_{i}")(x, None if rates is None else float(rates[i]))
             auxes.append(aux)
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if self.capture else {}
         return x, stacked
