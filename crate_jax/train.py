@@ -20,6 +20,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from clu import periodic_actions
 from etils import epath
@@ -68,6 +69,8 @@ def validate(config, num_devices: int) -> None:
     validate_config(config, num_devices, jax.process_count())
     for split in (config.data.split, config.data.eval_split):  # a missing split fails now, not at the first eval
         data.num_examples(config.data.name, split, config.data.data_dir or None, backend=config.data.backend)
+    for name in (config.data.transform, config.data.eval_transform):  # and a bad transform name or option
+        data.get_transform(name, config.model.image_size, **transform_options(config, name))
 
 
 class _Preemption:
@@ -91,6 +94,17 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def transform_options(config, transform: str) -> dict[str, Any]:
+    """config.data's values of the options `transform` takes (data.TRANSFORM_OPTIONS)."""
+    options = {}
+    for key in data.TRANSFORM_OPTIONS.get(transform, ()):
+        if key not in config.data:
+            raise ValueError(f"transform {transform!r} needs config.data.{key} (see configs/finetune.py)")
+        value = config.data[key]
+        options[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+    return options
+
+
 def iterator(config, *, split, transform, batch_size, shuffle, num_epochs=None, drop_remainder=True, start_batch=0):
     """The config's input pipeline for one split."""
     return data.make_iterator(
@@ -99,6 +113,7 @@ def iterator(config, *, split, transform, batch_size, shuffle, num_epochs=None, 
         data_dir=config.data.data_dir or None,
         image_size=config.model.image_size,
         transform=transform,
+        transform_options=transform_options(config, transform),
         global_batch_size=batch_size,
         seed=config.seed,
         shuffle=shuffle,

@@ -3,6 +3,14 @@ per-example transforms shared by all, the embedded offline set."""
 
 from crate_jax.data.embedded import ensure_built
 from crate_jax.data.pipeline import BACKENDS, make_iterator, num_examples
-from crate_jax.data.transforms import TRANSFORMS, get_transform
+from crate_jax.data.transforms import TRANSFORM_OPTIONS, TRANSFORMS, get_transform
 
-__all__ = ["BACKENDS", "TRANSFORMS", "ensure_built", "get_transform", "make_iterator", "num_examples"]
+__all__ = [
+    "BACKENDS",
+    "TRANSFORM_OPTIONS",
+    "TRANSFORMS",
+    "ensure_built",
+    "get_transform",
+    "make_iterator",
+    "num_examples",
+]

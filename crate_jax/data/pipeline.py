@@ -31,6 +31,8 @@ only onto the same process count (one state per process).
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import grain
 import jax
@@ -126,6 +128,7 @@ def make_iterator(
     transform: str,
     global_batch_size: int,
     seed: int,
+    transform_options: Mapping[str, Any] | None = None,
     shuffle: bool = True,
     num_epochs: int | None = None,
     worker_count: int = 0,
@@ -153,7 +156,8 @@ def make_iterator(
     (`name` is then unused). `worker_count > 0` transforms in that many grain worker processes
     (the caller needs an `if __name__ == "__main__":` guard); the tfrecord backend ignores it
     (tf.data autotunes its threads) and alone uses `shuffle_buffer_size`.
-    `prefetch_buffer_size` is in batches.
+    `prefetch_buffer_size` is in batches. `transform_options` are the options `transform` takes
+    (transforms.TRANSFORM_OPTIONS: finetune_train's RandAugment and random erasing settings).
     """
     _check_backend(backend, data_dir)
     process_index = jax.process_index() if process_index is None else process_index
@@ -164,7 +168,8 @@ def make_iterator(
         )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside [0, {process_count}).")
-    example_transform = transforms.get_transform(transform, image_size)  # Fails early on a bad name.
+    # Fails early on a bad name or option.
+    example_transform = transforms.get_transform(transform, image_size, **(transform_options or {}))
     if backend == "tfrecord":
         from crate_jax.data import tfrecord  # Imports TensorFlow, which the other backends never need.
 

@@ -7,6 +7,9 @@ from the `np.random.Generator` grain hands a `RandomMap` for each element (seede
 pipeline seed and the element's position in the global stream), so a given seed gives the
 same pixels on any number of processes and after a resume.
 
+`finetune_train` adds RandAugment and random erasing (augment.py), configured by options
+that `get_transform` passes on (`TRANSFORM_OPTIONS`): train.py reads them from config.data.
+
 Element contract: the input is a dict with `image` (encoded bytes, or None for a padding
 element) and optionally `label`; the output is `{"image": float32 (S, S, 3), "label": int32,
 "weight": float32}`. An image that cannot be decoded becomes a zeros image with weight 0.0
@@ -18,17 +21,21 @@ from __future__ import annotations
 import io
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grain
 import numpy as np
 from PIL import Image
 
+from crate_jax.data import augment
+
 # ImageNet statistics in [0, 1] units, as used by MAE and torchvision.
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 EVAL_CROP_FRACTION = 0.875  # Resize to size / 0.875 then center-crop size (224 <- 256).
+# What geometric RandAugment ops fill uncovered pixels with: the mean in uint8, as timm's img_mean.
+MEAN_FILL = tuple(min(255, round(255 * float(m))) for m in IMAGENET_MEAN)
 
 _log = logging.getLogger(__name__)
 
@@ -124,6 +131,16 @@ def _placeholder(size: int, element: dict[str, Any]) -> dict[str, np.ndarray]:
     return _output(np.zeros((size, size, 3), np.float32), element, 0.0)
 
 
+def random_resized_crop(
+    image: Image.Image, rng: np.random.Generator, size: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> Image.Image:
+    """A `random_resized_crop_box` crop of `image` resized to size x size (bicubic)."""
+    top, left, h, w = random_resized_crop_box(rng, image.height, image.width, scale, ratio)
+    # PIL's resize with a box crops and resizes in one pass (antialiased, like torchvision's
+    # PIL backend); the box is (left, upper, right, lower).
+    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+
+
 # ---------------------------------------------------------------------------- grain transforms
 
 
@@ -143,11 +160,7 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
         image = decode_rgb(element["image"])
         if image is None:
             return _placeholder(self.size, element)
-        top, left, h, w = random_resized_crop_box(rng, image.height, image.width, self.scale, self.ratio)
-        # PIL's resize with a box crops and resizes in one pass (antialiased, like torchvision's
-        # PIL backend); the box is (left, upper, right, lower).
-        image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
-        pixels = np.asarray(image)
+        pixels = np.asarray(random_resized_crop(image, rng, self.size, self.scale, self.ratio))
         if self.flip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
         return _output(normalize(pixels), element, 1.0)
@@ -170,19 +183,67 @@ class ResizeCenterCrop(grain.transforms.Map):
         return _output(normalize(pixels), element, 1.0)
 
 
+class FinetuneTrain(grain.transforms.RandomMap):
+    """FAIR MAE fine-tuning (timm's `create_transform(is_training=True, auto_augment=
+    "rand-m9-mstd0.5-inc1", re_prob=0.25, re_mode="pixel", re_count=1, interpolation="bicubic")`):
+    RandomResizedCrop(size, scale 0.08-1, bicubic) + horizontal flip (p=0.5) + RandAugment on
+    the uint8 image + normalise + random erasing on the float image."""
+
+    def __init__(self, size: int, randaugment: augment.RandAugment, erasing: augment.RandomErasing):
+        self.size, self.randaugment, self.erasing = size, randaugment, erasing
+
+    def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = decode_rgb(element["image"])
+        if image is None:
+            return _placeholder(self.size, element)
+        image = random_resized_crop(image, rng, self.size, (0.08, 1.0), (3 / 4, 4 / 3))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = self.randaugment(image, rng)
+        return _output(self.erasing(normalize(np.asarray(image)), rng), element, 1.0)
+
+
+def finetune_train(size: int, *, randaugment: Mapping[str, Any], random_erasing: float) -> FinetuneTrain:
+    """`FinetuneTrain` from its options, with one-line errors naming their config keys."""
+    key, fields = "config.data.randaugment", ("num_ops", "magnitude", "magnitude_std")
+    if set(randaugment) != set(fields):
+        raise ValueError(f"{key} has the keys {sorted(randaugment)}; expected {list(fields)}")
+    num_ops, magnitude, std = (randaugment[f] for f in fields)
+    if isinstance(num_ops, bool) or not isinstance(num_ops, int) or num_ops < 0:
+        raise ValueError(f"{key}.num_ops={num_ops!r} must be an integer >= 0")
+    if not 0.0 <= magnitude <= augment.LEVEL_DENOM:
+        raise ValueError(f"{key}.magnitude={magnitude} must be in [0, {augment.LEVEL_DENOM:g}]")
+    if not 0.0 <= std < math.inf:
+        raise ValueError(f"{key}.magnitude_std={std} must be finite and >= 0")
+    if not 0.0 <= random_erasing <= 1.0:
+        raise ValueError(f"config.data.random_erasing={random_erasing} must be a probability in [0, 1]")
+    return FinetuneTrain(
+        size,
+        augment.RandAugment(num_ops, float(magnitude), float(std), MEAN_FILL),
+        augment.RandomErasing(float(random_erasing)),
+    )
+
+
 Transform = grain.transforms.Map | grain.transforms.RandomMap
 
 # MAE pretraining uses scale (0.2, 1) (MAE main_pretrain.py); FAIR's linear probe and
 # fine-tuning use torchvision's default (0.08, 1).
-TRANSFORMS: dict[str, Callable[[int], Transform]] = {
+TRANSFORMS: dict[str, Callable[..., Transform]] = {
     "mae_pretrain": lambda size: RandomResizedCropFlip(size, scale=(0.2, 1.0)),
     "linprobe_train": lambda size: RandomResizedCropFlip(size, scale=(0.08, 1.0)),
+    "finetune_train": finetune_train,
     "eval": ResizeCenterCrop,
 }
+# The options a transform takes, all required: train.py passes config.data.<option>.
+TRANSFORM_OPTIONS: dict[str, tuple[str, ...]] = {"finetune_train": ("randaugment", "random_erasing")}
 
 
-def get_transform(name: str, image_size: int) -> Transform:
-    """The transform called `name` (one of TRANSFORMS) producing image_size x image_size images."""
+def get_transform(name: str, image_size: int, **options: Any) -> Transform:
+    """The transform called `name` (one of TRANSFORMS) producing image_size x image_size images,
+    given exactly the options it takes (TRANSFORM_OPTIONS)."""
     if name not in TRANSFORMS:
         raise ValueError(f"Unknown transform {name!r}; expected one of {sorted(TRANSFORMS)}.")
-    return TRANSFORMS[name](image_size)
+    expected = TRANSFORM_OPTIONS.get(name, ())
+    if set(options) != set(expected):
+        raise ValueError(f"Transform {name!r} takes the options {list(expected)}, got {sorted(options)}.")
+    return TRANSFORMS[name](image_size, **options)

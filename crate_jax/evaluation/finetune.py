@@ -8,8 +8,9 @@ smoothing on device in the step, one draw per step from fold_in(seed, step) (mix
 
     python -m crate_jax.main --config=configs/finetune.py:dataset=cifar10 --config.init_from=DIR --workdir=OUT
 
-Not here: RandAugment and random erasing of FAIR's recipe (host-side augmentations the
-input pipeline does not have yet); the host transform is RandomResizedCrop + flip.
+The host-side augmentations of FAIR's recipe (RandomResizedCrop + flip + RandAugment +
+random erasing) are the input pipeline's `finetune_train` transform (crate_jax/data/augment.py),
+set by config.data.transform, config.data.randaugment and config.data.random_erasing.
 """
 
 from __future__ import annotations
