@@ -34,11 +34,15 @@ def test_flops_match_the_spec():
     visible = flops.for_model(models.build("crate_mae_base", ista_fused=False, encoder_tokens="visible"))
     assert abs(full / 12.6e9 - 1) < 0.03
     assert abs(visible.forward(1) / 2 / 6.7e9 - 1) < 0.05
+    d, released = 768, flops.for_model(models.build("crate_mae_base", ista_fused=False))
     fused = flops.for_model(models.build("crate_mae_base"))
-    assert fused.per_step_forward == 2 * 12 * 768**3  # D^T D once per layer and step
-    assert fused.train_per_image(4) < flops.for_model(models.build("crate_mae_base", ista_fused=False)).train_per_image(
-        4
-    )
+    # 788 tokens: Y (I + eta (D - D^T D)), one product per token plus D^T D once per layer and step.
+    assert fused.forward(4) - released.forward(4) == 2 * 12 * (d**3 - 2 * 788 * d * d)
+    assert fused.train_step(4) - released.train_step(4) == 2 * 12 * (2 * d**3 - 6 * 788 * d * d)
+    # 4 x 50 visible tokens: (Y - Y D^T) D, two products per token and no d^3 term.
+    visible_fused = flops.for_model(models.build("crate_mae_base", encoder_tokens="visible"))
+    assert visible.train_step(4) - visible_fused.train_step(4) == 2 * 12 * 3 * 200 * d * d
+    assert crate.ista_form(788, d) == "gram" and crate.ista_form(200, d) == "factored"
 
 
 @pytest.mark.parametrize(
@@ -47,6 +51,7 @@ def test_flops_match_the_spec():
         ("crate_mae_tiny", dict(ista_fused=True)),
         ("crate_mae_tiny", dict(ista_fused=False)),
         ("crate_mae_tiny", dict(encoder_tokens="visible")),
+        ("crate_mae_tiny", dict(encoder_tokens="visible", mask_ratio=0.9375)),  # 8 x 5 rows: factored ISTA
         ("mae_vit_base", dict(decoder_width=128)),
     ],
 )
@@ -64,6 +69,18 @@ def test_analytic_flops_match_xla_cost_analysis(name, overrides):
     xla = benchmark._xla_flops(grad.lower(params).compile().cost_analysis())
     analytic = flops.for_model(model).train_step(batch)
     assert abs(xla / analytic - 1) < 0.10, (xla, analytic)
+
+
+@pytest.mark.parametrize("rows", [3, 40])  # 3 x 2 and 3 x 40 tokens of width 16: factored and gram
+def test_ista_rewrites_match_the_release_with_gradients(rows):
+    y = jax.random.normal(jax.random.key(0), (3, rows, 16))
+    r = jax.random.normal(jax.random.key(1), (3, rows, 16))
+    fused, released = crate.ISTA(16, fused=True), crate.ISTA(16, fused=False)
+    params = released.init(jax.random.key(2), y)
+    loss = lambda m: lambda p, y: jnp.sum(m.apply(p, y) * r)  # noqa: E731
+    np.testing.assert_allclose(fused.apply(params, y), released.apply(params, y), rtol=1e-5, atol=1e-6)
+    ours, ref = jax.grad(loss(fused), (0, 1))(params, y), jax.grad(loss(released), (0, 1))(params, y)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours, ref)
 
 
 def test_subspace_attention_gradient_matches_autodiff():

@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from crate_jax import models  # noqa: E402
+from crate_jax.models import crate  # noqa: E402
 from crate_jax.tools.import_torch import convert  # noqa: E402
 from tests import torch_reference  # noqa: E402
 
@@ -64,6 +65,13 @@ def test_crate_mae_unfused_ista_and_scan_match_torch():
     tmodel = torch_crate()
     compare(tmodel, "crate_mae_tiny", dict(TINY, ista_fused=False))
     compare(tmodel, "crate_mae_tiny", dict(TINY, scan_layers=True, remat="full"))
+
+
+def test_crate_mae_factored_ista_matches_torch():
+    # 2 images x 17 tokens of width 64: few enough rows that ISTA runs as (Y - Y D^T) D.
+    size = dict(TINY, image_size=16)
+    assert crate.ista_form(2 * 17, 64) == "factored"
+    compare(torch_crate(size), "crate_mae_tiny", size, batch=2)
 
 
 def test_crate_mae_single_head_uses_identity_output():

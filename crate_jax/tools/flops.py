@@ -5,9 +5,11 @@ LayerNorm, softmax, the loss and the optimizer are left out (a few percent at th
 sizes). The count is of the computation as executed:
 
 * `encoder_tokens="visible"` runs the CRATE encoder on cls + visible tokens only;
-* `ista_fused=True` applies the ISTA identity Y·D − (Y·Dᵀ)·D = Y·(D − DᵀD): one d×d
-  product per token plus one d³ product per layer and step (not per image), instead of
-  three d×d products per token.
+* `ista_fused=True` rewrites the ISTA residual Y·D − (Y·Dᵀ)·D exactly, in whichever form
+  `models.crate.ista_form` picks for the step's token count: Y·(I + η(D − DᵀD)), one d×d
+  product per token plus d³ per layer and step (not per image; its backward is one more d³),
+  or Y + η(Y − Y·Dᵀ)·D, two d×d products per token; `ista_fused=False` counts the release's
+  three.
 
 Backward costs twice the forward for every product whose two operands both need a
 gradient (weights times activations, attention) and once for the patch embedding (its
@@ -18,20 +20,39 @@ from __future__ import annotations
 
 import dataclasses
 
+from crate_jax.models.crate import ista_form
+
 
 @dataclasses.dataclass(frozen=True)
 class Flops:
-    """Multiply-adds of one step, split by where they happen."""
+    """FLOPs of a forward pass and of a train step, as functions of the batch size."""
 
-    per_image_forward: float  # FLOPs of one image's forward pass (without per-step terms)
-    per_step_forward: float  # FLOPs per step that do not scale with the batch (D - DᵀD)
+    per_image_forward: float  # one image's forward pass, without the ISTA steps
     patch_embed: float  # per image, forward: its backward is once, not twice
+    ista_layers: int = 0  # CRATE encoder layers (each one ISTA step)
+    ista_rows: int = 0  # tokens per image through each ISTA step
+    width: int = 0
+    ista_fused: bool = True
+
+    def _ista(self, batch_size: int) -> tuple[float, float]:
+        """(forward, train step) FLOPs of every ISTA step, in the form the model runs."""
+        r, d = batch_size * self.ista_rows, self.width
+        if not self.ista_layers:
+            return 0.0, 0.0
+        if not self.ista_fused:
+            macs = (3 * r * d * d, 9 * r * d * d)
+        elif ista_form(r, d) == "gram":
+            macs = (r * d * d + d**3, 3 * r * d * d + 2 * d**3)
+        else:
+            macs = (2 * r * d * d, 6 * r * d * d)
+        return 2.0 * self.ista_layers * macs[0], 2.0 * self.ista_layers * macs[1]
 
     def forward(self, batch_size: int) -> float:
-        return batch_size * self.per_image_forward + self.per_step_forward
+        return batch_size * self.per_image_forward + self._ista(batch_size)[0]
 
     def train_step(self, batch_size: int) -> float:
-        return 3 * self.forward(batch_size) - batch_size * self.patch_embed
+        per_image = 3 * self.per_image_forward - self.patch_embed
+        return batch_size * per_image + self._ista(batch_size)[1]
 
     def train_per_image(self, batch_size: int) -> float:
         return self.train_step(batch_size) / batch_size
@@ -65,14 +86,19 @@ def crate_mae(
     def mssa(n: int, heads: int) -> float:
         return n * d * d + _attention(n, d) + (n * d * d if heads > 1 else 0)
 
-    ista = n_enc * d * d if ista_fused else 3 * n_enc * d * d
-    encoder = depth * (mssa(n_enc, num_heads) + ista)
+    encoder = depth * mssa(n_enc, num_heads)  # + the ISTA steps, counted by Flops per batch
     decoder = decoder_depth * (n_dec * d * d + mssa(n_dec, decoder_num_heads))
     patch_embed = num_patches * pixels * d
     head = n_dec * d * pixels
     macs = patch_embed + encoder + decoder + head
-    per_step = depth * d**3 if ista_fused else 0.0  # Dᵀ D, once per layer
-    return Flops(per_image_forward=2.0 * macs, per_step_forward=2.0 * per_step, patch_embed=2.0 * patch_embed)
+    return Flops(
+        per_image_forward=2.0 * macs,
+        patch_embed=2.0 * patch_embed,
+        ista_layers=depth,
+        ista_rows=n_enc,
+        width=d,
+        ista_fused=ista_fused,
+    )
 
 
 def vit_mae(
@@ -105,7 +131,7 @@ def vit_mae(
         + decoder_depth * block(n_dec, decoder_width)
         + n_dec * decoder_width * pixels
     )
-    return Flops(per_image_forward=2.0 * macs, per_step_forward=0.0, patch_embed=2.0 * patch_embed)
+    return Flops(per_image_forward=2.0 * macs, patch_embed=2.0 * patch_embed)
 
 
 def for_model(model) -> Flops:
