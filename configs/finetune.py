@@ -103,8 +103,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.eval_split = eval_split
     config.data.transform = "finetune_train"  # RandomResizedCrop(0.08-1) + flip + RandAugment + random erasing
     # timm's "rand-m9-mstd0.5-inc1": ops per image, magnitude out of 10 and its per-op noise std.
-    config.data.randaugment = ml_collections.ConfigDict(dict(num_ops=2, magnitude=9.0, magnitude_std=0.5))
-    config.data.random_erasing = 0.25  # probability of erasing one box (2-33% of the area) with N(0, 1) noise
+    # FAIR's rand-m9-mstd0.5 and erasing 0.25. Off for the 32 px embedded set: there the demo
+    # checkpoint's fine-tune reached 87.8% top-1 without them and 77.3% with them (78.8% at m5).
+    config.data.randaugment = ml_collections.ConfigDict(
+        dict(num_ops=0 if embedded else 2, magnitude=9.0, magnitude_std=0.5)
+    )
+    config.data.random_erasing = 0.0 if embedded else 0.25  # P(erase one box of 2-33% of the area with N(0, 1))
     config.data.eval_transform = "eval"
     config.data.shuffle = True
     config.data.worker_count = 0 if embedded else 16

@@ -523,10 +523,14 @@ def test_transform_options_must_match_the_transform():
 
 
 def test_finetune_config_transform_through_the_grain_pipeline_on_the_embedded_set(tmp_path):
+    fair = load_config(f"{CONFIGS}/finetune.py:dataset=imagenet2012")
+    assert fair.data.transform == "finetune_train" and fair.data.random_erasing == 0.25
+    assert fair.data.randaugment.to_dict() == FINETUNE_OPTIONS["randaugment"]
     config = load_config(f"{CONFIGS}/finetune.py:dataset=embedded,runlocal")
-    assert config.data.transform == "finetune_train" and config.data.random_erasing == 0.25
+    assert config.data.randaugment.num_ops == 0 and config.data.random_erasing == 0.0  # off at 32 px
     with config.unlocked():
         config.data.data_dir = str(tmp_path)
+        config.data.randaugment.num_ops, config.data.random_erasing = 2, 0.25
     embedded.ensure_built(str(tmp_path))
     kwargs = dict(split=config.data.split, transform=config.data.transform, batch_size=8, shuffle=True)
     batch = next(train.iterator(config, **kwargs))
