@@ -7,7 +7,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from crate_jax import train
+from crate_jax import host_memory, train
 from crate_jax.evaluation import knn, linear_probe
 
 FLAGS = flags.FLAGS
@@ -16,6 +16,12 @@ flags.DEFINE_string("workdir", None, "Checkpoints, metrics and images go here (l
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs JAX cannot detect.")
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+flags.DEFINE_bool(
+    "keep_freed_memory",
+    True,
+    "On a CPU backend, keep freed memory in the process (glibc): XLA:CPU frees a step's temporaries "
+    "and would page-fault them in again every step (crate_jax/host_memory.py).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 TASKS = {
@@ -45,6 +51,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     initialize_distributed()
+    if FLAGS.keep_freed_memory and jax.default_backend() == "cpu":
+        host_memory.keep_freed_memory()
     logging.info("process %d/%d, %d devices", jax.process_index(), jax.process_count(), jax.device_count())
     task = FLAGS.config.task
     if task not in TASKS:
