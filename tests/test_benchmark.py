@@ -121,10 +121,13 @@ def test_harness_writes_well_formed_results(tmp_path):
     for r in results:
         for key in ("images_per_sec", "mfu", "flops_per_image", "peak_flops", "step_s"):
             assert isinstance(r[key], float) and r[key] > 0, (r["variant"], key)
-        assert "ista_fused" in r and "environment" in r
+        assert "ista_fused" in r and "environment" in r and "ista_form" in r
     default, visible = results[0], results[1]
     assert default["compile_s"] > 0 and default["memory_per_device"]["temp_bytes"] > 0
     assert default["ista_fused"] is True and default["encoder_tokens"] == "all"
+    assert default["ista_form"] in ("gram", "factored")
+    if torch_module:
+        assert results[-1]["ista_form"] == "released"
     assert visible["encoder_tokens"] == "visible" and visible["scan_layers"] is True
     assert visible["flops_per_image"] < default["flops_per_image"]
     # XLA counts a scanned layer once; the unrolled twin's count is reported beside it.

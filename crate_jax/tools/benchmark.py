@@ -59,8 +59,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 PEAK_SIZE = 2048  # the matmul that measures the machine's fp32 rate
 FLOPS_COUNTING = (
-    "analytic (crate_jax/tools/flops.py): matrix products of the model as executed (ista_fused: "
-    "Y(I + eta(D - D^T D)), encoder_tokens), forward + backward, no remat recomputation; "
+    "analytic (crate_jax/tools/flops.py): matrix products of the model as executed (ista_form: "
+    "gram = Y(I + eta(D - D^T D)), factored = Y + eta(Y - Y D^T) D, released = the three products; "
+    "encoder_tokens), forward + backward, no remat recomputation; "
     "xla_flops_per_step is XLA's cost_analysis of the compiled step (all ops, recomputation included; "
     "a scanned layer stack counted once, so xla_flops_per_step_unrolled counts the unrolled twin)"
 )
@@ -218,6 +219,7 @@ def measure_variant(config, variant: str, *, steps: int, warmup: int, peak_flops
         "remat": model.remat,
         "encoder_tokens": getattr(model, "encoder_tokens", "visible"),
         "ista_fused": getattr(model, "ista_fused", None),
+        "ista_form": count.ista_form(batch_size),
         "devices": mesh.size,
         "images_per_sec": batch_size / step_s,
         "step_s": step_s,
@@ -318,6 +320,7 @@ def measure_torch(config, module_name: str, *, steps: int, warmup: int, peak_flo
         "dtype": "float32",
         "encoder_tokens": "all" if isinstance(model, models.CrateMAE) else "visible",
         "ista_fused": False if isinstance(model, models.CrateMAE) else None,
+        "ista_form": count.ista_form(batch),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "torch_flush_denormal": flush_denormal,

@@ -34,14 +34,22 @@ class Flops:
     width: int = 0
     ista_fused: bool = True
 
+    def ista_form(self, batch_size: int) -> str | None:
+        """How the ISTA steps run at this batch size: "gram", "factored" (`ista_form`),
+        "released" (three products) or None (no ISTA: a ViT)."""
+        if not self.ista_layers:
+            return None
+        return ista_form(batch_size * self.ista_rows, self.width) if self.ista_fused else "released"
+
     def _ista(self, batch_size: int) -> tuple[float, float]:
         """(forward, train step) FLOPs of every ISTA step, in the form the model runs."""
         r, d = batch_size * self.ista_rows, self.width
         if not self.ista_layers:
             return 0.0, 0.0
-        if not self.ista_fused:
+        form = self.ista_form(batch_size)
+        if form == "released":
             macs = (3 * r * d * d, 9 * r * d * d)
-        elif ista_form(r, d) == "gram":
+        elif form == "gram":
             macs = (r * d * d + d**3, 3 * r * d * d + 2 * d**3)
         else:
             macs = (2 * r * d * d, 6 * r * d * d)
