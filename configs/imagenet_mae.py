@@ -90,6 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.patch_size = 14 if name == "mae_vit_huge" else 16
     config.model.mask_ratio = 0.75
     config.model.norm_pix_loss = False  # the released CRATE-MAE trains without it
+    config.model.loss_patches = "masked"  # "masked" (released, MAE) or "all" (the paper's whole-image loss)
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
     config.model.scan_layers = True

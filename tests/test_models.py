@@ -271,3 +271,21 @@ def test_interpolation_matches_torch_bicubic():
     ref = torch.nn.functional.interpolate(grid, scale_factor=(7.1 / 4, 7.1 / 4), mode="bicubic", align_corners=False)
     ref = ref.permute(0, 2, 3, 1).reshape(-1, 32).numpy()
     np.testing.assert_allclose(new[1:], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_small"])
+def test_whole_image_loss_averages_every_patch(name):
+    model = models.build(name, **TINY, decoder_depth=1, decoder_num_heads=4)
+    whole = model.clone(loss_patches="all")
+    images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+    noise = jax.random.uniform(jax.random.key(1), (2, model.num_patches))
+    params = model.init(jax.random.key(2), images)["params"]
+    out = model.apply({"params": params}, images, noise=noise)
+    out_all = whole.apply({"params": params}, images, noise=noise)
+    per_patch = np.mean((np.asarray(out.pred) - np.asarray(patchify(images, 4))) ** 2, axis=-1)
+    mask = np.asarray(out.mask)
+    np.testing.assert_allclose(out.loss, (per_patch * mask).sum() / mask.sum(), rtol=1e-5)
+    np.testing.assert_allclose(out_all.loss, per_patch.mean(), rtol=1e-5)
+    assert float(out_all.loss_weight) == per_patch.size
+    with pytest.raises(ValueError, match=r"^model.loss_patches='visible' is not one of \('masked', 'all'\)$"):
+        models.build(name, loss_patches="visible")

@@ -57,6 +57,9 @@ class MAEOutput:
     intermediates: dict[str, Any]  # per-layer arrays stacked over layers when capture=True
 
 
+LOSS_PATCHES = ("masked", "all")
+
+
 def random_masking(noise: jax.Array, mask_ratio: float) -> tuple[jax.Array, jax.Array, jax.Array]:
     """MAE's per-sample masking. Returns (mask (B, L) with 1 = removed, ids_keep, ids_restore)."""
     _, length = noise.shape
@@ -76,10 +79,16 @@ def reconstruction_loss(
     patch_size: int,
     norm_pix_loss: bool,
     example_weight: jax.Array | None = None,
+    loss_patches: str = "masked",
 ) -> tuple[jax.Array, jax.Array]:
-    """Per-patch MSE averaged over removed patches (and example weights), in fp32.
+    """Per-patch MSE averaged over removed patches (`loss_patches="all"`: over every patch,
+    the paper's whole-image variant) and example weights, in fp32.
 
     Returns (loss, denominator)."""
+    if loss_patches not in LOSS_PATCHES:
+        raise ValueError(f"model.loss_patches={loss_patches!r} is not one of {LOSS_PATCHES}")
+    if loss_patches == "all":
+        mask = jnp.ones_like(mask)
     target = patchify(images.astype(jnp.float32), patch_size)
     if norm_pix_loss:
         mean = target.mean(axis=-1, keepdims=True)
@@ -103,6 +112,7 @@ class _MAEBase(nn.Module):
     decoder_num_heads: int = 16
     mask_ratio: float = 0.75
     norm_pix_loss: bool = False
+    loss_patches: str = "masked"  # "masked" (released, MAE) or "all" (the paper's whole-image loss)
     scan_layers: bool = False
     remat: str = "none"
     dtype: Any = jnp.float32
@@ -179,7 +189,9 @@ class _MAEBase(nn.Module):
         return x[:, 1:]
 
     def _output(self, images, pred, mask, latent, example_weight, intermediates) -> MAEOutput:
-        loss, denom = reconstruction_loss(images, pred, mask, self.patch_size, self.norm_pix_loss, example_weight)
+        loss, denom = reconstruction_loss(
+            images, pred, mask, self.patch_size, self.norm_pix_loss, example_weight, self.loss_patches
+        )
         return MAEOutput(loss=loss, pred=pred, mask=mask, latent=latent, loss_weight=denom, intermediates=intermediates)
 
 

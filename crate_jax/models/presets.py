@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax.models.mae import CrateMAE, ViTMAE
+from crate_jax.models.mae import LOSS_PATCHES, CrateMAE, ViTMAE
 from crate_jax.models.stack import check_remat
 
 _CRATE = dict(image_size=224, patch_size=16, mask_ratio=0.75)
@@ -43,7 +43,7 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
 
 COMMON_OVERRIDES = (
     "image_size", "patch_size", "width", "depth", "num_heads", "decoder_depth", "decoder_num_heads",
-    "mask_ratio", "norm_pix_loss", "scan_layers", "remat", "dtype", "param_dtype",
+    "mask_ratio", "norm_pix_loss", "loss_patches", "scan_layers", "remat", "dtype", "param_dtype",
 )  # fmt: skip
 CRATE_OVERRIDES = COMMON_OVERRIDES + ("ista_step", "ista_lambda", "ista_fused", "encoder_tokens")
 VIT_OVERRIDES = COMMON_OVERRIDES + ("decoder_width", "mlp_ratio")
@@ -84,6 +84,8 @@ def model_fields(name: str, **overrides) -> tuple[type, dict[str, Any]]:
         raise ValueError(
             f"model.decoder_num_heads={fields['decoder_num_heads']} does not divide the decoder width {dec_width}"
         )
+    if fields.get("loss_patches", "masked") not in LOSS_PATCHES:
+        raise ValueError(f"model.loss_patches={fields['loss_patches']!r} is not one of {LOSS_PATCHES}")
     if not 0.0 <= fields["mask_ratio"] < 1.0:
         raise ValueError(f"model.mask_ratio={fields['mask_ratio']} must be in [0, 1)")
     check_remat(fields.get("remat", "none"))
