@@ -100,6 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.encoder_tokens = "all"  # "visible": the efficient variant (needs its own pretraining)
         config.model.ista_step = 0.1
         config.model.ista_lambda = 0.5
+        config.model.ista_fused = True  # the release's ISTA step through an exact cheaper rewrite (models.crate)
+        config.model.attention = "symmetric"  # symmetric | autodiff | dot_product (cuDNN's fused kernel on GPUs)
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "imagenet2012"

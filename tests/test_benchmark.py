@@ -83,6 +83,23 @@ def test_ista_rewrites_match_the_release_with_gradients(rows):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), ours, ref)
 
 
+def test_attention_implementations_give_the_same_train_gradients():
+    model = models.build("crate_mae_tiny", image_size=16, patch_size=4, width=32, num_heads=4, depth=1)
+    images = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    noise = jax.random.uniform(jax.random.key(1), (2, model.num_patches))
+    params = model.init(jax.random.key(2), images)["params"]
+
+    def grads(attention):
+        m = model.clone(attention=attention)
+        return jax.grad(lambda p: m.apply({"params": p}, images, noise=noise).loss)(params)
+
+    ref = grads("autodiff")
+    for attention in ("symmetric", "dot_product"):
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads(attention), ref)
+    with pytest.raises(ValueError, match=r"^model.attention='flash' is not one of"):
+        models.build("crate_mae_tiny", attention="flash")
+
+
 def test_subspace_attention_gradient_matches_autodiff():
     u = jax.random.normal(jax.random.key(0), (2, 3, 7, 5))
     r = jax.random.normal(jax.random.key(1), (2, 3, 7, 5))

@@ -74,6 +74,11 @@ def test_crate_mae_factored_ista_matches_torch():
     compare(torch_crate(size), "crate_mae_tiny", size, batch=2)
 
 
+@pytest.mark.parametrize("attention", ["autodiff", "dot_product"])
+def test_crate_mae_attention_implementations_match_torch(attention):
+    compare(torch_crate(), "crate_mae_tiny", dict(TINY, attention=attention))
+
+
 def test_crate_mae_single_head_uses_identity_output():
     size = dict(TINY, num_heads=1)
     tmodel = torch_crate(size)

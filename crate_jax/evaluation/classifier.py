@@ -56,7 +56,7 @@ class Classifier(nn.Module):
     head: str = "probe"
     pool: str = "cls"
     head_init_std: float = 0.01
-    layer_kwargs: Any = flax.core.FrozenDict()  # ista_step/ista_lambda/ista_fused, or mlp_ratio
+    layer_kwargs: Any = flax.core.FrozenDict()  # ista_step/ista_lambda/ista_fused/attention, or mlp_ratio
     drop_path_rate: float = 0.0
     scan_layers: bool = False
     remat: str = "none"
@@ -122,7 +122,9 @@ def from_autoencoder(
     if isinstance(mae, CrateMAE):
         arch, layer_kwargs = (
             "crate",
-            dict(ista_step=mae.ista_step, ista_lambda=mae.ista_lambda, ista_fused=mae.ista_fused),
+            dict(
+                ista_step=mae.ista_step, ista_lambda=mae.ista_lambda, ista_fused=mae.ista_fused, attention=mae.attention
+            ),
         )
     else:
         arch, layer_kwargs = "vit", dict(mlp_ratio=mae.mlp_ratio)

@@ -205,6 +205,7 @@ class CrateMAE(_MAEBase):
     ista_lambda: float = 0.5
     ista_fused: bool = True
     encoder_tokens: str = "all"
+    attention: str = "symmetric"  # MSSA's implementation: symmetric | autodiff | dot_product
 
     @nn.compact
     def __call__(
@@ -237,7 +238,7 @@ class CrateMAE(_MAEBase):
             x = jnp.take_along_axis(x + pos[1:], ids_keep[..., None], axis=1)
             x = jnp.concatenate([cls, x], axis=1)
 
-        layer = dict(width=self.width, num_heads=self.num_heads)
+        layer = dict(width=self.width, num_heads=self.num_heads, attention=self.attention)
         z, enc_aux = self._stack(
             EncoderLayer,
             dict(layer, ista_step=self.ista_step, ista_lambda=self.ista_lambda, ista_fused=self.ista_fused),
@@ -257,7 +258,11 @@ class CrateMAE(_MAEBase):
 
         decoder_num_heads = self.decoder_num_heads or self.num_heads
         y, dec_aux = self._stack(
-            DecoderLayer, dict(width=self.width, num_heads=decoder_num_heads), self.decoder_depth, capture, "decoder"
+            DecoderLayer,
+            dict(width=self.width, num_heads=decoder_num_heads, attention=self.attention),
+            self.decoder_depth,
+            capture,
+            "decoder",
         )(z)
         pred = self._predict(y)
         intermediates = {"encoder": enc_aux, "decoder": dec_aux} if capture else {}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax.models.crate import ATTENTION_IMPLS
 from crate_jax.models.mae import LOSS_PATCHES, CrateMAE, ViTMAE
 from crate_jax.models.stack import check_remat
 
@@ -45,7 +46,7 @@ COMMON_OVERRIDES = (
     "image_size", "patch_size", "width", "depth", "num_heads", "decoder_depth", "decoder_num_heads",
     "mask_ratio", "norm_pix_loss", "loss_patches", "scan_layers", "remat", "dtype", "param_dtype",
 )  # fmt: skip
-CRATE_OVERRIDES = COMMON_OVERRIDES + ("ista_step", "ista_lambda", "ista_fused", "encoder_tokens")
+CRATE_OVERRIDES = COMMON_OVERRIDES + ("ista_step", "ista_lambda", "ista_fused", "encoder_tokens", "attention")
 VIT_OVERRIDES = COMMON_OVERRIDES + ("decoder_width", "mlp_ratio")
 
 
@@ -84,6 +85,8 @@ def model_fields(name: str, **overrides) -> tuple[type, dict[str, Any]]:
         raise ValueError(
             f"model.decoder_num_heads={fields['decoder_num_heads']} does not divide the decoder width {dec_width}"
         )
+    if fields.get("attention", "symmetric") not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention={fields['attention']!r} is not one of {ATTENTION_IMPLS}")
     if fields.get("loss_patches", "masked") not in LOSS_PATCHES:
         raise ValueError(f"model.loss_patches={fields['loss_patches']!r} is not one of {LOSS_PATCHES}")
     if not 0.0 <= fields["mask_ratio"] < 1.0:

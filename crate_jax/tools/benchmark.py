@@ -55,6 +55,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "remat_dots_all": {"remat": "dots_all"},
     "ista_fused": {"ista_fused": True},
     "ista_unfused": {"ista_fused": False},
+    "attn_symmetric": {"attention": "symmetric"},
+    "attn_autodiff": {"attention": "autodiff"},
+    "attn_dot_product": {"attention": "dot_product"},
 }
 
 PEAK_SIZE = 2048  # the matmul that measures the machine's fp32 rate
