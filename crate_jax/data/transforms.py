@@ -131,14 +131,23 @@ def _placeholder(size: int, element: dict[str, Any]) -> dict[str, np.ndarray]:
     return _output(np.zeros((size, size, 3), np.float32), element, 0.0)
 
 
-def random_resized_crop(
-    image: Image.Image, rng: np.random.Generator, size: int, scale: tuple[float, float], ratio: tuple[float, float]
+def random_resized_crop_flip(
+    image: Image.Image,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
 ) -> Image.Image:
-    """A `random_resized_crop_box` crop of `image` resized to size x size (bicubic)."""
+    """A `random_resized_crop_box` crop of `image` resized to size x size (bicubic), then
+    mirrored left-right with probability 1/2 when `flip`."""
     top, left, h, w = random_resized_crop_box(rng, image.height, image.width, scale, ratio)
     # PIL's resize with a box crops and resizes in one pass (antialiased, like torchvision's
     # PIL backend); the box is (left, upper, right, lower).
-    return image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
+    if flip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
 
 
 # ---------------------------------------------------------------------------- grain transforms
@@ -160,9 +169,7 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
         image = decode_rgb(element["image"])
         if image is None:
             return _placeholder(self.size, element)
-        pixels = np.asarray(random_resized_crop(image, rng, self.size, self.scale, self.ratio))
-        if self.flip and rng.random() < 0.5:
-            pixels = pixels[:, ::-1]
+        pixels = np.asarray(random_resized_crop_flip(image, rng, self.size, self.scale, self.ratio, self.flip))
         return _output(normalize(pixels), element, 1.0)
 
 
@@ -196,10 +203,7 @@ class FinetuneTrain(grain.transforms.RandomMap):
         image = decode_rgb(element["image"])
         if image is None:
             return _placeholder(self.size, element)
-        image = random_resized_crop(image, rng, self.size, (0.08, 1.0), (3 / 4, 4 / 3))
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        image = self.randaugment(image, rng)
+        image = self.randaugment(random_resized_crop_flip(image, rng, self.size, scale=(0.08, 1.0)), rng)
         return _output(self.erasing(normalize(np.asarray(image)), rng), element, 1.0)
 
 
