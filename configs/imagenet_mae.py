@@ -3,9 +3,11 @@ r"""CRATE-MAE pretraining on ImageNet-1k with FAIR's MAE recipe.
     python -m crate_jax.main --config=configs/imagenet_mae.py --workdir=gs://BUCKET/crate_mae_base
     python -m crate_jax.main --config=configs/imagenet_mae.py:variant=large --workdir=...
     python -m crate_jax.main --config=configs/imagenet_mae.py:model=mae_vit_base --workdir=...   # FAIR baseline
+    python -m crate_jax.main --config=configs/imagenet_mae.py:variant=paper_base --workdir=...  # the paper's options
     python -m crate_jax.main --config=configs/imagenet_mae.py:runlocal --workdir=/tmp/x       # this machine
 
-Arguments (comma-separated): variant=tiny|small|base|large (CRATE-MAE size, default base),
+Arguments (comma-separated): variant=tiny|small|base|large (CRATE-MAE size, default base;
+paper_tiny ... paper_large: the paper's CRATE-MAE, `crate_mae_paper_*`),
 model=PRESET (e.g. mae_vit_base, or vit_mae_base), runlocal (shrink everything to a few
 CPU steps).
 
@@ -90,18 +92,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.patch_size = 14 if name == "mae_vit_huge" else 16
     config.model.mask_ratio = 0.75
     config.model.norm_pix_loss = False  # the released CRATE-MAE trains without it
-    config.model.loss_patches = "masked"  # "masked" (released, MAE) or "all" (the paper's whole-image loss)
+    paper = name.startswith("crate_mae_paper")  # the paper's options (models/presets.py, PAPER_OPTIONS)
+    config.model.loss_patches = "all" if paper else "masked"  # "masked" (released, MAE) or "all" (the paper's)
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
     config.model.scan_layers = True
     # Large needs remat to fit 16 GiB v5e chips at batch 16/chip (aot_compile: 13.7 -> 4.4 GiB, +3% FLOPs).
-    config.model.remat = "dots" if args["variant"] == "large" else "none"
+    config.model.remat = "dots" if args["variant"].endswith("large") else "none"
     if name.startswith("crate_mae"):
         config.model.encoder_tokens = "all"  # "visible": the efficient variant (needs its own pretraining)
         config.model.ista_step = 0.1
         config.model.ista_lambda = 0.5
         config.model.ista_fused = True  # the release's ISTA step through an exact cheaper rewrite (models.crate)
         config.model.attention = "symmetric"  # symmetric | autodiff | dot_product (cuDNN's fused kernel on GPUs)
+        config.model.cls_token = not paper  # False: no cls token, features are the mean token
+        config.model.mask_token_space = "pixel" if paper else "embedding"  # embedding | pixel | zeros
+        config.model.position_table = "learned" if paper else "sincos"  # sincos | learned
+        config.model.subtract_position_table = paper  # the paper's g^post: LN(Z) - E^pos before the output layer
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "imagenet2012"

@@ -15,11 +15,14 @@ follow shared/docs/crate-mae-spec.md, "White-box diagnostics". Writes to `--out`
   summary.json           coding_rate / coding_rate_std {"encoder": [...], "decoder": [...]} and
                          sparsity / sparsity_std {"encoder": [...]}: one value per layer in layer
                          order, mean and (population) std over the images, from un-masked
-                         images (mask ratio 0), cls token included; reconstruction_loss at the
-                         model's mask ratio with seeded masks; what was analysed, image_size
-                         (the size used) and model_image_size (the model's own).
+                         images (mask ratio 0), cls token included (if the model has one);
+                         reconstruction_loss at the model's mask ratio with seeded masks;
+                         what was analysed, image_size (the size used) and
+                         model_image_size (the model's own).
   reconstruction.png     original | masked | reconstruction | reconstruction + visible patches
   attention_layer{L}.png image | cls-query attention of each head, layer L (0-based), un-masked
+                         (a model without a cls token: the mean over queries; summary's
+                         attention_query says which)
   attention_layers.png   every layer x head for the first image (--attention_all_layers)
   pca.png                image | PCA components 1-3 of the last encoder layer's qkv features
   depth.png              R^c and fraction of non-zeros against depth
@@ -118,6 +121,7 @@ def _unmasked_step(model, what: tuple[str, ...]):
     Cached per (model, what), so that repeated `run` calls in one process compile once. Only
     small per-image results leave the device, never the (L, B, K, N, N) attention stack."""
     decoder_heads = model.decoder_num_heads or model.num_heads
+    prefix = model.num_prefix_tokens  # 1 (cls) or 0 (the paper's CRATE-MAE)
 
     def step(params, images):
         rows, cols = model.patch_grid(images.shape, interpolate_pos=True)
@@ -126,14 +130,14 @@ def _unmasked_step(model, what: tuple[str, ...]):
         enc, dec = out.intermediates["encoder"], out.intermediates["decoder"]
         result = {}
         if "attention" in what:
-            result["attention"] = attention.cls_attention(enc["attn"])  # (L, B, K, N-1)
+            result["attention"] = attention.query_attention(enc["attn"], prefix)  # (L, B, K, patches)
         if "coding_rate" in what:
             result["coding_rate_encoder"] = coding_rate.layer_coding_rates(enc["qkv"], model.num_heads)
             result["coding_rate_decoder"] = coding_rate.layer_coding_rates(dec["qkv"], decoder_heads)
         if "sparsity" in what:
             result["sparsity"] = coding_rate.sparsity(enc["ista"])  # (L, B)
         if "pca" in what:
-            result["pca"] = enc["qkv"][-1, :, 1:].astype(jnp.float32)  # last layer, patch tokens
+            result["pca"] = enc["qkv"][-1, :, prefix:].astype(jnp.float32)  # last layer, patch tokens
         return result
 
     return jax.jit(step)
@@ -277,6 +281,7 @@ def run(
         if "attention" in what:
             maps = attention.to_patch_grid(got["attention"][:, :shown], grid)  # (L, B, K, G, G)
             summary["attention_layer"] = layer
+            summary["attention_query"] = "cls" if model.num_prefix_tokens else "mean"
             for index in range(model.depth) if attention_all_layers else [layer]:
                 save(attention.attention_grid(display, maps[index], model.patch_size), f"attention_layer{index}.png")
             if attention_all_layers:

@@ -2,7 +2,9 @@
 
 As in DINO's `visualize_attention.py`: the cls row of the softmax attention without its own
 (cls) column, reshaped to the patch grid, upsampled to pixels by nearest-neighbour repetition
-of each patch, one map per head, each map min-max scaled for display.
+of each patch, one map per head, each map min-max scaled for display. A model without a cls
+token (`cls_token=False`, the paper's CRATE-MAE) has no cls query: its maps are the mean over
+all queries of the attention each patch receives (`query_attention`).
 
 Maps at another resolution, as DINO draws them: the images are prepared at that size (a
 multiple of the patch size; `analyze --image_size`) and the model is called with
@@ -24,6 +26,20 @@ def cls_attention(attn_xKxNxN: jax.Array) -> jax.Array:
     """(..., K, N, N) attention probabilities, cls token first -> (..., K, N-1): what the cls
     query attends to among the patch tokens (the rows are not renormalised)."""
     return attn_xKxNxN[..., 0, 1:]
+
+
+def mean_query_attention(attn_xKxNxN: jax.Array) -> jax.Array:
+    """(..., K, N, N) attention probabilities over patch tokens only -> (..., K, N): the
+    attention each patch receives, averaged over all queries (a model without a cls token)."""
+    return attn_xKxNxN.mean(axis=-2)
+
+
+def query_attention(attn_xKxNxN: jax.Array, num_prefix_tokens: int) -> jax.Array:
+    """(..., K, N, N) -> (..., K, L) maps over the L patches: the cls query's row
+    (`cls_attention`) when the tokens start with a cls token, else the mean over queries."""
+    if num_prefix_tokens not in (0, 1):
+        raise ValueError(f"num_prefix_tokens={num_prefix_tokens}: attention maps know 0 (no cls token) or 1")
+    return cls_attention(attn_xKxNxN) if num_prefix_tokens else mean_query_attention(attn_xKxNxN)
 
 
 def to_patch_grid(maps_xL: np.ndarray, grid_size: int) -> np.ndarray:

@@ -4,13 +4,16 @@ The parameters keep the autoencoder's names (`patch_embed`, `cls_token`, `encode
 `norm` where the feature goes through it), so a pretraining checkpoint's encoder drops in;
 its mask token and decoder are not used. The encoder sees the whole image: cls + every patch
 token, the sin-cos position table of the classifier's own patch grid added once (computed
-for that grid: the table is fixed, not learned). This is exactly the autoencoder's forward
-at mask ratio 0 (`api.encode`), then:
+for that grid: the table is fixed, not learned; or the paper's learned `pos_embed`). This is
+exactly the autoencoder's forward at mask ratio 0 (`api.encode`), then:
 
   head="probe"     final norm -> cls token or mean of the patch tokens -> stop_gradient ->
                    BatchNorm without affine -> Dense   (FAIR's linear probe)
   head="finetune"  pool="mean": mean of the patch tokens (no final norm) -> LayerNorm -> Dense;
                    pool="cls": final norm -> cls token -> Dense   (FAIR's fine-tuning model)
+
+An encoder without a cls token (`cls_token=False`, the paper's CRATE-MAE) has only the mean
+of its tokens: `from_autoencoder` turns pool="cls" into "mean" for it (FAIR's global pool).
 
 `drop_path_rate` is stochastic depth in training, FAIR/timm's linear schedule: 0 in the first
 encoder layer rising to `drop_path_rate` in the last. It drops the MSSA residual of a CRATE
@@ -33,13 +36,13 @@ import orbax.checkpoint as ocp
 from crate_jax import checkpoint, models
 from crate_jax.evaluation.heads import HEADS
 from crate_jax.models.crate import EncoderLayer, layer_norm
-from crate_jax.models.layers import EMBED, PatchEmbed, sincos_table_2d, token_init
+from crate_jax.models.layers import EMBED, PatchEmbed, position_rows, token_init
 from crate_jax.models.mae import FINAL_NORM_EPS, CrateMAE
 from crate_jax.models.stack import LayerStack
 from crate_jax.models.vit import ViTBlock
 
 POOLS = ("cls", "mean")
-ENCODER_KEYS = ("patch_embed", "cls_token", "encoder", "norm")
+ENCODER_KEYS = ("patch_embed", "cls_token", "pos_embed", "encoder", "norm")
 CLASSIFIER_TASKS = ("linear_probe", "finetune")
 
 
@@ -58,6 +61,8 @@ class Classifier(nn.Module):
     head_init_std: float = 0.01
     layer_kwargs: Any = flax.core.FrozenDict()  # ista_step/ista_lambda/ista_fused/attention, or mlp_ratio
     drop_path_rate: float = 0.0
+    cls_token: bool = True  # False: the paper's CRATE-MAE, tokens are the patches only
+    position_table: str = "sincos"  # or "learned": the autoencoder's `pos_embed`
     scan_layers: bool = False
     remat: str = "none"
     dtype: Any = jnp.float32
@@ -71,18 +76,23 @@ class Classifier(nn.Module):
         return HEADS[self.head](self.num_classes, **kwargs)
 
     def _encoder(self, images: jax.Array, train: bool) -> jax.Array:
-        """(B, 1 + L, D): the encoder's output before its final norm, cls first."""
+        """(B, prefix + L, D): the encoder's output before its final norm, cls first if any."""
         x = PatchEmbed(self.patch_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(
             images
         )
-        cls_token = self.param(
-            "cls_token", nn.with_logical_partitioning(token_init, (None, None, EMBED)), (1, 1, self.width),
-            self.param_dtype,
-        ).astype(x.dtype)  # fmt: skip
+        prefix = int(self.cls_token)
         grid = self.image_size // self.patch_size
-        pos = jnp.asarray(sincos_table_2d(self.width, grid, grid), x.dtype)
-        cls = jnp.broadcast_to(cls_token, (images.shape[0], 1, self.width)) + pos[:1]
-        x = jnp.concatenate([cls, x + pos[1:]], axis=1)
+        if self.cls_token:
+            cls_token = self.param(
+                "cls_token", nn.with_logical_partitioning(token_init, (None, None, EMBED)), (1, 1, self.width),
+                self.param_dtype,
+            ).astype(x.dtype)  # fmt: skip
+        table = position_rows(self, self.position_table, self.width, grid, (grid, grid), prefix, self.param_dtype)
+        pos = jnp.asarray(table, x.dtype)
+        x = x + pos[prefix:]
+        if self.cls_token:
+            cls = jnp.broadcast_to(cls_token, (images.shape[0], 1, self.width)) + pos[:1]
+            x = jnp.concatenate([cls, x], axis=1)
         kwargs = dict(self.layer_kwargs, width=self.width, num_heads=self.num_heads, deterministic=not train)
         z, _ = LayerStack(
             EncoderLayer if self.arch == "crate" else ViTBlock,
@@ -102,14 +112,17 @@ class Classifier(nn.Module):
             raise ValueError(f"head={self.head!r} is not one of {sorted(HEADS)}")
         if self.pool not in POOLS:
             raise ValueError(f"pool={self.pool!r} is not one of {POOLS}")
+        if self.pool == "cls" and not self.cls_token:
+            raise ValueError("pool='cls' needs a cls token, and this encoder has none (cls_token=False): use 'mean'")
         if images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"images must be (batch, {self.image_size}, {self.image_size}, 3), got {images.shape}")
         z = self._encoder(images, train)
+        prefix = int(self.cls_token)
         if self.head == "finetune" and self.pool == "mean":
-            features = z[:, 1:].mean(axis=1)
+            features = z[:, prefix:].mean(axis=1)
         else:
             latent = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "norm")(z)
-            features = latent[:, 0] if self.pool == "cls" else latent[:, 1:].mean(axis=1)
+            features = latent[:, 0] if self.pool == "cls" else latent[:, prefix:].mean(axis=1)
         if self.head == "probe":
             features = jax.lax.stop_gradient(features)  # a frozen encoder
         return self.make_head("head")(features, train=train, mask=mask)
@@ -118,7 +131,9 @@ class Classifier(nn.Module):
 def from_autoencoder(
     mae, *, num_classes: int, head: str, pool: str, head_init_std: float, drop_path_rate: float = 0.0
 ) -> Classifier:
-    """The classifier on the encoder of `mae` (a CrateMAE or ViTMAE module)."""
+    """The classifier on the encoder of `mae` (a CrateMAE or ViTMAE module); pool="cls" is
+    "mean" for an encoder without a cls token."""
+    tokens = dict(cls_token=True, position_table="sincos")
     if isinstance(mae, CrateMAE):
         arch, layer_kwargs = (
             "crate",
@@ -126,8 +141,10 @@ def from_autoencoder(
                 ista_step=mae.ista_step, ista_lambda=mae.ista_lambda, ista_fused=mae.ista_fused, attention=mae.attention
             ),
         )
+        tokens = dict(cls_token=mae.cls_token, position_table=mae.position_table)
     else:
         arch, layer_kwargs = "vit", dict(mlp_ratio=mae.mlp_ratio)
+    pool = "mean" if pool == "cls" and not tokens["cls_token"] else pool
     return Classifier(
         arch=arch,
         image_size=mae.image_size,
@@ -141,6 +158,7 @@ def from_autoencoder(
         head_init_std=head_init_std,
         layer_kwargs=flax.core.FrozenDict(layer_kwargs),
         drop_path_rate=drop_path_rate,
+        **tokens,
         scan_layers=mae.scan_layers,
         remat=mae.remat,
         dtype=mae.dtype,

@@ -2,8 +2,9 @@
 
 Batches go through the same mesh as training (global arrays, batch axes sharded,
 parameters replicated), `api.encode` gives the cls or mean-pooled feature after the
-encoder's final norm (or `pool="pixels"`: the normalised pixels themselves, a baseline),
-and every process ends up with the whole split's features in host memory.
+encoder's final norm (or `pool="pixels"`: the normalised pixels themselves, a baseline;
+a model without a cls token gives the mean for "cls", `pool_used`), and every process ends
+up with the whole split's features in host memory.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ POOLS = ("cls", "mean", "pixels")
 def check_pool(pool: str, key: str) -> None:
     if pool not in POOLS:
         raise ValueError(f"{key}={pool!r} is not one of {POOLS}")
+
+
+def pool_used(model, pool: str) -> str:
+    """What `encode_batches` computes for `pool` (the results record it)."""
+    check_pool(pool, "pool")
+    return pool if pool == "pixels" else api.feature_pool(model, pool)
 
 
 def _to_host(x) -> np.ndarray:

@@ -107,7 +107,8 @@ def run(config, workdir: str) -> dict[str, float]:
     acc = accuracies(scores, labels)
     metrics = {"knn_accuracy": acc["top1"], "knn_top5_accuracy": acc["top5"]}
     result = {
-        **metrics, "k": config.knn.k, "temperature": config.knn.temperature, "pool": config.knn.pool,
+        **metrics, "k": config.knn.k, "temperature": config.knn.temperature,
+        "pool": features.pool_used(model, config.knn.pool),
         "bank": f"{config.data.name}/{config.data.split}", "bank_size": len(bank),
         "queries": f"{config.data.name}/{config.data.eval_split}", "num_queries": len(queries),
         "init_from": config.init_from, "random_init": config.random_init, "checkpoint_step": step,

@@ -127,7 +127,8 @@ def run(config, workdir: str) -> dict[str, float]:
         holdout_fraction=lc.holdout_fraction, seed=config.seed, max_iters=lc.max_iters, tol=lc.tol,
     )  # fmt: skip
     result |= {
-        "protocol": "logistic", "pool": pool, "train": f"{config.data.name}/{config.data.split}",
+        "protocol": "logistic", "pool": features.pool_used(model, pool),
+        "train": f"{config.data.name}/{config.data.split}",
         "num_train": len(train_x), "eval": f"{config.data.name}/{config.data.eval_split}", "num_eval": len(eval_x),
         "init_from": config.init_from, "random_init": config.random_init, "checkpoint_step": step,
     }  # fmt: skip

@@ -69,7 +69,9 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        x_BxLxF = patchify(images, self.patch_size)
+        """NHWC images, or patches (B, L, P*P*C) already flattened by `patchify` (the paper's
+        pixel-space mask token replaces some of them before the embedding)."""
+        x_BxLxF = patchify(images, self.patch_size) if images.ndim == 4 else images
         fan_in = self.patch_size * self.patch_size * self.in_channels
         return nn.Dense(
             self.width,
@@ -148,6 +150,44 @@ def position_table(width: int, grid_size: int, new_grid: tuple[int, int] | None 
     learned table; not a fresh sin-cos table of the new grid. A numpy constant for tracing."""
     table = sincos_table_2d(width, grid_size, grid_size)
     return table if new_grid is None else interpolate_table(table, (grid_size, grid_size), tuple(new_grid))
+
+
+POSITION_TABLES = ("sincos", "learned")
+
+
+def resample_rows(table: jax.Array, num_prefix: int, grid: tuple[int, int], new_grid: tuple[int, int]) -> jax.Array:
+    """`interpolate_table` for a traced (learned) table: (num_prefix + gh*gw, d) ->
+    (num_prefix + nh*nw, d), the first `num_prefix` rows (a cls row, or none) kept as they are."""
+    (gh, gw), (nh, nw) = grid, new_grid
+    if (gh, gw) == (nh, nw):
+        return table
+    wh = jnp.asarray(_torch_bicubic_weights(gh, nh, (nh + 0.1) / gh), jnp.float32)
+    ww = jnp.asarray(_torch_bicubic_weights(gw, nw, (nw + 0.1) / gw), jnp.float32)
+    patch = table[num_prefix:].reshape(gh, gw, -1).astype(jnp.float32)
+    out = jnp.einsum("ih,jw,hwd->ijd", wh, ww, patch, precision=jax.lax.Precision.HIGHEST).reshape(nh * nw, -1)
+    return jnp.concatenate([table[:num_prefix], out.astype(table.dtype)], axis=0)
+
+
+def position_rows(
+    module: nn.Module, kind: str, width: int, grid_size: int, grid: tuple[int, int], num_prefix: int, param_dtype
+):
+    """The position table added to the tokens, (num_prefix + rows*cols, width), for `grid`.
+
+    kind="sincos": the fixed table (a numpy constant); its zero cls row only if num_prefix is 1.
+    kind="learned": the paper's trainable table, a parameter `pos_embed` (1, num_prefix + g*g,
+    width) of `module` for its own g x g grid (init N(0, 0.02), as timm's ViT), resampled to
+    `grid` as DINO does when that differs. Call it inside `module`'s compact method."""
+    if kind == "sincos":
+        return position_table(width, grid_size, grid)[1 - num_prefix :]
+    if kind != "learned":
+        raise ValueError(f"model.position_table={kind!r} is not one of {POSITION_TABLES}")
+    table = module.param(
+        "pos_embed",
+        nn.with_logical_partitioning(token_init, (None, None, EMBED)),
+        (1, num_prefix + grid_size * grid_size, width),
+        param_dtype,
+    )[0]
+    return resample_rows(table, num_prefix, (grid_size, grid_size), grid)
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:

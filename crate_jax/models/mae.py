@@ -32,9 +32,11 @@ from crate_jax.models.layers import (
     EMBED,
     MLP,
     PATCH,
+    POSITION_TABLES,
     PatchEmbed,
     dense_dot_general,
     patchify,
+    position_rows,
     position_table,
     token_init,
     xavier_uniform,
@@ -45,6 +47,34 @@ from crate_jax.models.vit import ViTBlock
 # Final norms of encoders and decoders (`norm`, `decoder_norm`) in both releases.
 FINAL_NORM_EPS = 1e-6
 ENCODER_TOKENS = ("all", "visible")
+# Where CRATE-MAE's encoder gets its stand-in for a hidden patch (see CrateMAE).
+MASK_TOKEN_SPACES = ("embedding", "pixel", "zeros")
+# CrateMAE's fields as released; other values are the paper's variants, which the released
+# PyTorch layout (tools/torch_layout.py) cannot hold.
+RELEASE_LAYOUT = dict(
+    cls_token=True, mask_token_space="embedding", position_table="sincos", subtract_position_table=False
+)
+
+
+def check_crate_options(fields: dict[str, Any]) -> None:
+    """One-line errors for CrateMAE's token / table options and their combinations."""
+    space = fields.get("mask_token_space", "embedding")
+    if space not in MASK_TOKEN_SPACES:
+        raise ValueError(f"model.mask_token_space={space!r} is not one of {MASK_TOKEN_SPACES}")
+    table = fields.get("position_table", "sincos")
+    if table not in POSITION_TABLES:
+        raise ValueError(f"model.position_table={table!r} is not one of {POSITION_TABLES}")
+    tokens = fields.get("encoder_tokens", "all")
+    if tokens not in ENCODER_TOKENS:
+        raise ValueError(f"model.encoder_tokens={tokens!r} is not one of {ENCODER_TOKENS}")
+    if space == "pixel" and tokens != "all":
+        raise ValueError(
+            "model.mask_token_space='pixel' replaces hidden patches before the embedding, so the encoder must see "
+            f"them: it needs model.encoder_tokens='all', not {tokens!r}"
+        )
+    for key in ("cls_token", "subtract_position_table"):
+        if not isinstance(fields.get(key, False), bool):
+            raise ValueError(f"model.{key}={fields[key]!r} must be True or False")
 
 
 @flax.struct.dataclass
@@ -126,6 +156,12 @@ class _MAEBase(nn.Module):
     def num_patches(self) -> int:
         return self.grid_size**2
 
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens in `latent` and the captured intermediates: 1 (cls)
+        or 0 (CrateMAE with cls_token=False, whose features are the mean token)."""
+        return 1
+
     def patch_grid(self, shape: Sequence[int], interpolate_pos: bool = False) -> tuple[int, int]:
         """(rows, cols) of patches of NHWC images of `shape`, checked: the model's own grid,
         or with `interpolate_pos` that of any height and width of whole patches."""
@@ -173,9 +209,11 @@ class _MAEBase(nn.Module):
             name=name,
         )
 
-    def _predict(self, x: jax.Array) -> jax.Array:
-        """decoder_norm -> Dense to pixels -> drop the cls token."""
+    def _predict(self, x: jax.Array, table: jax.Array | None = None) -> jax.Array:
+        """decoder_norm -> (minus `table`, the paper's g^post) -> Dense to pixels -> drop the cls token."""
         x = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "decoder_norm")(x)
+        if table is not None:
+            x = x - table.astype(x.dtype)
         features = self.patch_size * self.patch_size * 3
         x = nn.Dense(
             features,
@@ -186,7 +224,7 @@ class _MAEBase(nn.Module):
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (PATCH,)),
             name="decoder_pred",
         )(x)
-        return x[:, 1:]
+        return x[:, self.num_prefix_tokens :]
 
     def _output(self, images, pred, mask, latent, example_weight, intermediates) -> MAEOutput:
         loss, denom = reconstruction_loss(
@@ -197,7 +235,22 @@ class _MAEBase(nn.Module):
 
 class CrateMAE(_MAEBase):
     """CRATE-MAE as released: the encoder sees every token, masked ones replaced by a
-    learned mask token; `encoder_tokens="visible"` runs it on cls + visible tokens only."""
+    learned mask token; `encoder_tokens="visible"` runs it on cls + visible tokens only.
+
+    The paper's variants (Pai et al., ICLR 2024, sec. 3-4; the `crate_mae_paper_*` presets):
+      cls_token=False          no cls token: the tokens are the L patches only, and features
+                               for probes, k-NN and PCA are their mean (`api.encode`).
+      mask_token_space         where a hidden patch's stand-in lives: "embedding" (released: a
+                               learned d-vector replaces its embedded token), "pixel" (the
+                               paper: a learned P*P*3 patch replaces its pixels before the
+                               embedding, x_i <- m, then z_i = W_pre x_i + b + E_i), "zeros"
+                               (the book: its embedded token is set to 0, then E_i added).
+      position_table           "sincos" (released: fixed, added once) or "learned" (the
+                               paper's trainable E^pos, a parameter `pos_embed`).
+      subtract_position_table  the paper's g^post: the table is subtracted from the decoder's
+                               normalised output right before the output projection,
+                               X_hat = W_post (LN(Z~) - E^pos) + b.
+    """
 
     decoder_depth: int = 12
     decoder_num_heads: int = 12
@@ -206,6 +259,18 @@ class CrateMAE(_MAEBase):
     ista_fused: bool = True
     encoder_tokens: str = "all"
     attention: str = "symmetric"  # MSSA's implementation: symmetric | autodiff | dot_product
+    cls_token: bool = True
+    mask_token_space: str = "embedding"  # embedding | pixel | zeros
+    position_table: str = "sincos"  # sincos | learned
+    subtract_position_table: bool = False
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.cls_token)
+
+    def release_layout_differences(self) -> dict[str, Any]:
+        """The fields that differ from the released model's layout (empty for the releases)."""
+        return {k: getattr(self, k) for k, v in RELEASE_LAYOUT.items() if getattr(self, k) != v}
 
     @nn.compact
     def __call__(
@@ -218,24 +283,41 @@ class CrateMAE(_MAEBase):
     ) -> MAEOutput:
         grid = self.patch_grid(images.shape, interpolate_pos)
         num_patches = grid[0] * grid[1]
-        if self.encoder_tokens not in ENCODER_TOKENS:
-            raise ValueError(f"model.encoder_tokens={self.encoder_tokens!r} is not one of {ENCODER_TOKENS}")
-        batch = images.shape[0]
-        x = PatchEmbed(self.patch_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed")(
-            images
+        check_crate_options({f: getattr(self, f) for f in ("encoder_tokens", *RELEASE_LAYOUT)})
+        batch, prefix, space = images.shape[0], self.num_prefix_tokens, self.mask_token_space
+        patch_embed = PatchEmbed(
+            self.patch_size, self.width, dtype=self.dtype, param_dtype=self.param_dtype, name="patch_embed"
         )
-        cls_token = self._token("cls_token", self.width).astype(x.dtype)
-        mask_token = self._token("mask_token", self.width).astype(x.dtype)
-        # The release stores this table as `decoder_pos_embed` and adds it once, to all tokens.
-        pos = jnp.asarray(self._pos_table(self.width, grid), x.dtype)
+        cls_token = self._token("cls_token", self.width) if self.cls_token else None
+        mask_token = None
+        if space == "embedding":
+            mask_token = self._token("mask_token", self.width).astype(self.dtype)
+        elif space == "pixel":
+            pixels = self.patch_size * self.patch_size * 3
+            mask_token = self.param(
+                "mask_token", nn.with_logical_partitioning(token_init, (None, None, PATCH)), (1, 1, pixels),
+                self.param_dtype,
+            )  # fmt: skip
         mask, ids_keep, ids_restore = random_masking(self._noise(batch, num_patches, noise), self.mask_ratio)
-        cls = jnp.broadcast_to(cls_token, (batch, 1, self.width)) + pos[:1]
+        # (prefix + L, d). The release stores its sin-cos table as `decoder_pos_embed` and adds it once, to all tokens.
+        pos = jnp.asarray(
+            position_rows(self, self.position_table, self.width, self.grid_size, grid, prefix, self.param_dtype),
+            self.dtype,
+        )
 
+        patches = patchify(images, self.patch_size)
+        if space == "pixel":  # the paper: the hidden patches' pixels become the learned token
+            patches = jnp.where(mask[..., None] > 0, mask_token.astype(patches.dtype), patches)
+        x = patch_embed(patches)
         if self.encoder_tokens == "all":
-            x = jnp.where(mask[..., None] > 0, mask_token, x)
-            x = jnp.concatenate([cls, x + pos[1:]], axis=1)
+            if space != "pixel":
+                fill = mask_token if space == "embedding" else jnp.zeros((), x.dtype)
+                x = jnp.where(mask[..., None] > 0, fill, x)
+            x = x + pos[prefix:]
         else:
-            x = jnp.take_along_axis(x + pos[1:], ids_keep[..., None], axis=1)
+            x = jnp.take_along_axis(x + pos[prefix:], ids_keep[..., None], axis=1)
+        if self.cls_token:
+            cls = jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width)) + pos[:1]
             x = jnp.concatenate([cls, x], axis=1)
 
         layer = dict(width=self.width, num_heads=self.num_heads, attention=self.attention)
@@ -250,11 +332,13 @@ class CrateMAE(_MAEBase):
 
         z = latent
         if self.encoder_tokens == "visible":
-            # Mask tokens join after the encoder, each with its own position row.
+            # Mask tokens (zeros for "zeros") join after the encoder, each with its own position row.
             pad = jnp.zeros((batch, num_patches - ids_keep.shape[1], self.width), latent.dtype)
-            patches = jnp.take_along_axis(jnp.concatenate([latent[:, 1:], pad], axis=1), ids_restore[..., None], axis=1)
-            patches = jnp.where(mask[..., None] > 0, mask_token + pos[None, 1:], patches)
-            z = jnp.concatenate([latent[:, :1], patches], axis=1)
+            visible = jnp.concatenate([latent[:, prefix:], pad], axis=1)
+            patches = jnp.take_along_axis(visible, ids_restore[..., None], axis=1)
+            fill = (mask_token if space == "embedding" else 0.0) + pos[None, prefix:]
+            patches = jnp.where(mask[..., None] > 0, fill, patches)
+            z = jnp.concatenate([latent[:, :prefix], patches], axis=1)
 
         decoder_num_heads = self.decoder_num_heads or self.num_heads
         y, dec_aux = self._stack(
@@ -264,7 +348,7 @@ class CrateMAE(_MAEBase):
             capture,
             "decoder",
         )(z)
-        pred = self._predict(y)
+        pred = self._predict(y, pos if self.subtract_position_table else None)
         intermediates = {"encoder": enc_aux, "decoder": dec_aux} if capture else {}
         return self._output(images, pred, mask, latent, example_weight, intermediates)
 

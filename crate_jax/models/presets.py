@@ -15,10 +15,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax.models.crate import ATTENTION_IMPLS
-from crate_jax.models.mae import LOSS_PATCHES, CrateMAE, ViTMAE
+from crate_jax.models.mae import LOSS_PATCHES, CrateMAE, ViTMAE, check_crate_options
 from crate_jax.models.stack import check_remat
 
 _CRATE = dict(image_size=224, patch_size=16, mask_ratio=0.75)
+# The paper's CRATE-MAE (Pai et al., ICLR 2024; see CrateMAE's docstring for the equations):
+# no cls token, a learned mask token in pixel space, a learned position table subtracted
+# again before the output projection, the loss over the whole image; with the release's
+# ISTA step eta = 0.1 and lambda = 0.5 (the paper's sizes are the release's).
+PAPER_OPTIONS = dict(
+    cls_token=False,
+    mask_token_space="pixel",
+    position_table="learned",
+    subtract_position_table=True,
+    loss_patches="all",
+    ista_step=0.1,
+    ista_lambda=0.5,
+)
+_PAPER = dict(_CRATE, **PAPER_OPTIONS)
 _FAIR = dict(
     image_size=224,
     patch_size=16,
@@ -36,6 +50,10 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
     "crate_mae_small": (CrateMAE, dict(_CRATE, width=576, num_heads=12, depth=12)),
     "crate_mae_base": (CrateMAE, dict(_CRATE, width=768, num_heads=12, depth=12)),
     "crate_mae_large": (CrateMAE, dict(_CRATE, width=1024, num_heads=16, depth=24)),
+    "crate_mae_paper_tiny": (CrateMAE, dict(_PAPER, width=384, num_heads=6, depth=12)),
+    "crate_mae_paper_small": (CrateMAE, dict(_PAPER, width=576, num_heads=12, depth=12)),
+    "crate_mae_paper_base": (CrateMAE, dict(_PAPER, width=768, num_heads=12, depth=12)),
+    "crate_mae_paper_large": (CrateMAE, dict(_PAPER, width=1024, num_heads=16, depth=24)),
     "mae_vit_small": (ViTMAE, dict(_FAIR, width=384, num_heads=6, depth=12)),
     "mae_vit_base": (ViTMAE, dict(_FAIR, width=768, num_heads=12, depth=12)),
     "mae_vit_large": (ViTMAE, dict(_FAIR, width=1024, num_heads=16, depth=24)),
@@ -46,7 +64,10 @@ COMMON_OVERRIDES = (
     "image_size", "patch_size", "width", "depth", "num_heads", "decoder_depth", "decoder_num_heads",
     "mask_ratio", "norm_pix_loss", "loss_patches", "scan_layers", "remat", "dtype", "param_dtype",
 )  # fmt: skip
-CRATE_OVERRIDES = COMMON_OVERRIDES + ("ista_step", "ista_lambda", "ista_fused", "encoder_tokens", "attention")
+CRATE_OVERRIDES = COMMON_OVERRIDES + (
+    "ista_step", "ista_lambda", "ista_fused", "encoder_tokens", "attention",
+    "cls_token", "mask_token_space", "position_table", "subtract_position_table",
+)  # fmt: skip
 VIT_OVERRIDES = COMMON_OVERRIDES + ("decoder_width", "mlp_ratio")
 
 
@@ -85,6 +106,8 @@ def model_fields(name: str, **overrides) -> tuple[type, dict[str, Any]]:
         raise ValueError(
             f"model.decoder_num_heads={fields['decoder_num_heads']} does not divide the decoder width {dec_width}"
         )
+    if cls is CrateMAE:
+        check_crate_options(fields)
     if fields.get("attention", "symmetric") not in ATTENTION_IMPLS:
         raise ValueError(f"model.attention={fields['attention']!r} is not one of {ATTENTION_IMPLS}")
     if fields.get("loss_patches", "masked") not in LOSS_PATCHES:
@@ -110,18 +133,21 @@ def abstract_params(model, boxed: bool = False):
     return params if boxed else nn.unbox(params)
 
 
-def count_params(name: str, **overrides) -> dict[str, int]:
+def count_params(name: str, **overrides) -> dict[str, int | None]:
     """Parameter counts, abstractly (jax.eval_shape).
 
     `as_released` counts every state_dict entry of the PyTorch release, as the papers do:
     our parameters plus the fixed sin-cos tables (`pos_embed`, `decoder_pos_embed`) and,
     for CRATE-MAE, the stored but unused `decoder_embed` Linear(d, d).
-    `trainable` is what this model trains.
+    `trainable` is what this model trains. A CRATE-MAE with the paper's options has no
+    released layout: its `as_released` is None.
     """
     model = build(name, **overrides)
     shapes = abstract_params(model)
     trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     tokens = model.num_patches + 1
+    if isinstance(model, CrateMAE) and model.release_layout_differences():
+        return {"trainable": trainable, "as_released": None}
     if isinstance(model, CrateMAE):
         extra = 2 * tokens * model.width + model.width * model.width + model.width
     else:

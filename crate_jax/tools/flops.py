@@ -5,6 +5,8 @@ LayerNorm, softmax, the loss and the optimizer are left out (a few percent at th
 sizes). The count is of the computation as executed:
 
 * `encoder_tokens="visible"` runs the CRATE encoder on cls + visible tokens only;
+* `cls_token=False` (the paper's CRATE-MAE) has L tokens instead of L + 1; its other options
+  (pixel-space or zero mask token, learned table, its subtraction) add no matrix product;
 * `ista_fused=True` rewrites the ISTA residual Y·D − (Y·Dᵀ)·D exactly, in whichever form
   `models.crate.ista_form` picks for the step's token count: Y·(I + η(D − DᵀD)), one d×d
   product per token plus d³ per layer and step (not per image; its backward is one more d³),
@@ -83,12 +85,13 @@ def crate_mae(
     mask_ratio: float,
     ista_fused: bool = True,
     encoder_tokens: str = "all",
+    cls_token: bool = True,
     **_,
 ) -> Flops:
     d = width
     num_patches = (image_size // patch_size) ** 2
-    n_dec = num_patches + 1
-    n_enc = n_dec if encoder_tokens == "all" else 1 + int(num_patches * (1 - mask_ratio))
+    n_dec = num_patches + int(cls_token)  # the paper's variant has no cls token
+    n_enc = n_dec if encoder_tokens == "all" else int(cls_token) + int(num_patches * (1 - mask_ratio))
     pixels = patch_size * patch_size * 3
 
     def mssa(n: int, heads: int) -> float:

@@ -96,6 +96,13 @@ def _common(model) -> list[Row]:
 
 
 def crate_rows(model: CrateMAE) -> list[Row]:
+    differences = model.release_layout_differences()
+    if differences:  # e.g. the crate_mae_paper_* presets
+        raise ValueError(
+            f"the released CRATE-MAE layout has no place for the paper's options {differences}; "
+            "import or export a model with the release's cls_token, mask_token_space, position_table and "
+            "subtract_position_table (a crate_mae_* preset)"
+        )
     rows = _common(model)
     for i in range(model.depth):
         t, o = f"blocks.{i}.layers.0", f"encoder/layer_{i}"
