@@ -282,6 +282,7 @@ def pretrain(workdir, data_dir, *overrides):
     command = [
         sys.executable, "-m", "crate_jax.main", "--config=configs/imagenet_mae.py:variant=paper_tiny,runlocal",
         "--config.data.name=crate_jax_embedded", "--config.data.eval_split=probe_test", "--config.log_every_steps=1",
+        "--config.optim.warmup_steps=1",
         f"--config.data.data_dir={data_dir}", f"--workdir={workdir}", *overrides,
     ]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
