@@ -30,7 +30,7 @@ from crate_jax.evaluation import classifier, knn, llrd
 from crate_jax.models.layers import patchify, sincos_table_2d, unpatchify
 from crate_jax.models.mae import RELEASE_LAYOUT
 from crate_jax.models.presets import PAPER_OPTIONS
-from crate_jax.tools import flops, import_torch
+from crate_jax.tools import export_torch, flops, import_torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, patch_size=4, width=64, num_heads=4, depth=2, decoder_depth=2, decoder_num_heads=4)
@@ -268,6 +268,8 @@ def test_release_layout_refuses_paper_options():
         import_torch.convert({}, "crate_mae_paper_tiny", **TINY)
     with pytest.raises(ValueError, match="'mask_token_space': 'zeros'"):
         import_torch.convert({}, "crate_mae_tiny", **TINY, mask_token_space="zeros")
+    with pytest.raises(ValueError, match="released CRATE-MAE layout has no place"):
+        export_torch.export({}, "crate_mae_paper_tiny", **TINY)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -1,7 +1,7 @@
 """White-box diagnostics of CRATE-MAE (shared/docs/crate-mae-spec.md, "White-box diagnostics").
 
   coding_rate  R^c of the MSSA input features and sparsity of the ISTA outputs (pure jnp)
-  attention    cls-query attention maps per head, DINO style
+  attention    cls-query attention maps per head, DINO style (without a cls token: the mean over queries)
   pca          PCA of patch features shown as RGB
   plots        matplotlib figures: R^c / sparsity against depth, attention over layers
 
