@@ -183,6 +183,30 @@ def test_batches_are_the_datasets_order_without_shuffling(image_root):
     np.testing.assert_array_equal(np.concatenate(halves), images[:BATCH])
 
 
+def test_probe_batchnorm_is_pytorchs():
+    """Training-mode normalisation by the biased variance, running variance moved by the
+    unbiased one (BatchNorm1d), padding rows (mask 0) left out; eval mode uses the running ones."""
+    import jax
+
+    from crate_jax.evaluation.heads import BatchNormNoAffine
+
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(8, 5)) * 2.0 + 1.0).astype(np.float32)
+    mask = np.array([1] * 6 + [0] * 2, bool)
+    bn = BatchNormNoAffine()
+    variables = bn.init(jax.random.key(0), x, train=False)
+    y, updated = bn.apply(variables, x, train=True, mask=mask, mutable=["batch_stats"])
+    ref = torch.nn.BatchNorm1d(5, affine=False, eps=1e-6).train()
+    with torch.no_grad():
+        y_ref = ref(torch.from_numpy(x[:6])).numpy()
+    np.testing.assert_allclose(np.asarray(y)[:6], y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(updated["batch_stats"]["mean"], ref.running_mean.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(updated["batch_stats"]["var"], ref.running_var.numpy(), rtol=1e-6)
+    with torch.no_grad():
+        y_eval = ref.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(bn.apply(updated, x, train=False), y_eval, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- pretraining
 @pytest.mark.parametrize("name,accum", [("crate_mae_tiny", 1), ("crate_mae_tiny", 2), ("mae_vit_base", 1)])
 def test_pretraining_matches_fairs_loop(name, accum, image_root, tmp_path):
