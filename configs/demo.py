@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
     config.optim.base_lr = 1.5e-3  # x 32/256: a short run wants a larger step than ImageNet's
     config.optim.warmup_steps = 30
     config.optim.weight_decay = 0.05
+    config.optim.no_decay = ()  # leaf names exempt from decay besides 1-D parameters and biases
     config.model.width = 128
     config.model.depth = 4
     config.model.decoder_depth = 4

@@ -10,7 +10,7 @@ in configs/linear_probe.py (its spec names the model; `model.*` only changes ima
 dtype and layout).
 
 Recipe (FAIR, ViT-B): mean-pooled patch tokens -> LayerNorm -> Dense (init std 2e-5);
-AdamW beta (0.9, 0.999), lr 5e-4 x batch/256, weight decay 0.05 (matrices only), layer-wise
+AdamW beta (0.9, 0.999), lr 5e-4 x batch/256, weight decay 0.05 (not on 1-D, pos_embed, cls_token), layer-wise
 lr decay 0.65, drop-path 0.1 (rising linearly from 0 over depth; CRATE: the MSSA residual only),
 mixup 0.8, cutmix 1.0, label smoothing 0.1, cosine to 1e-6 after warmup; ImageNet: batch
 1024, 100 epochs, 5 warmup. Transfer sets (the spec's defaults): 224 px, batch 512, 100
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batch_size = 256 if embedded else 1024
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 2
-    config.init_from = ""  # the pretrained model: a training workdir, checkpoint dir or import_torch output
+    config.init_from = ""  # a pretraining workdir / checkpoint / import_torch output, or a classifier (its head too)
     config.random_init = False  # True: init_from's architecture with random weights (a baseline)
     config.matmul_precision = "default"
     config.peak_flops_per_device = 0.0

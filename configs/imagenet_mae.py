@@ -130,7 +130,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.b1 = 0.9
     config.optim.b2 = 0.95
     config.optim.eps = 1e-8
-    config.optim.weight_decay = 0.05
+    config.optim.weight_decay = 0.05  # FAIR's rule: every parameter but 1-D ones and biases (tokens too)
+    config.optim.no_decay = ()  # further leaf names to exempt, e.g. ("cls_token", "mask_token") as mmselfsup
     config.optim.grad_clip_norm = 0.0  # 0 = off
 
     if args["runlocal"]:

@@ -49,13 +49,15 @@ def model_spec(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
     return {"name": name, "overrides": clean}
 
 
-def save_params(path, params, meta: dict[str, Any], step: int = 0) -> epath.Path:
-    """Write a params-only checkpoint (what `tools.import_torch` produces)."""
+def save_params(path, params, meta: dict[str, Any], step: int = 0, model_state=None) -> epath.Path:
+    """Write a params-only checkpoint (what `tools.import_torch` produces); `model_state`
+    (e.g. {"batch_stats": ...} of an imported linear probe) is stored as in training runs."""
     path = epath.Path(path) / CHECKPOINT_SUBDIR
     mngr = make_manager(path)
-    mngr.save(
-        step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)), force=True
-    )
+    items = dict(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+    if model_state:
+        items["model_state"] = ocp.args.StandardSave(model_state)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
     mngr.wait_until_finished()
     mngr.close()
     return path

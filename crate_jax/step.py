@@ -101,8 +101,15 @@ def init_state(model, tx, seed: int, shardings: TrainState, mesh: Mesh, rules, p
 
 
 def masking_noise(seed: int, stream: int, step: jax.Array, batch_size: int, num_patches: int) -> jax.Array:
-    """Per-example noise from (seed, step, global example index): the masks do not depend
-    on the mesh, the process count or the micro-batch split."""
+    """The MAE masking noise a run uses: (batch_size, num_patches) float32 in [0, 1).
+
+    Public API, for step-level comparisons with other trainers: the pretraining step of
+    update `step` (0-based: the number of updates done before it) masks row i of its global
+    batch with `masking_noise(config.seed, MASK_STREAM, step, config.batch_size, L)[i]`
+    (MAE's `random_masking`: keep the patches of the smallest noise), and evaluations use
+    `EVAL_MASK_STREAM` at step 0. Row i depends only on (seed, stream, step, i): not on the
+    mesh, the process count, the micro-batch split (with gradient accumulation, micro-batch
+    k holds rows k, k + A, k + 2A, ... with their own rows of noise) or the batch size."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), step)
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch_size))
     return jax.vmap(lambda k: jax.random.uniform(k, (num_patches,)))(keys)

@@ -21,6 +21,7 @@ from crate_jax import api, checkpoint, data, models, train
 from crate_jax.config_file import load_config
 from crate_jax.evaluation import classifier, classify, finetune, knn, linear_probe, llrd, logistic, mixup
 from crate_jax.models.crate import EncoderLayer
+from crate_jax.models.layers import sincos_table_2d
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(image_size=32, patch_size=4, width=64, num_heads=4, depth=2, decoder_depth=2, decoder_num_heads=4)
@@ -65,8 +66,9 @@ def rows(workdir) -> list[dict]:
 
 
 def encoder_part(params, like) -> dict:
-    """The encoder's parameters in `params` (those of the classifier `like` other than the head)."""
-    return {k: params[k] for k in like if k != "head"}
+    """The encoder's parameters in `params` (those of the classifier `like` other than the head
+    and the learned position table, which the autoencoder holds as a fixed table)."""
+    return {k: params[k] for k in like if k not in ("head", "pos_embed")}
 
 
 def assert_trees_equal(a, b):
@@ -178,6 +180,7 @@ def test_linear_probe_fair_trains_the_head_only(tmp_path, pretrained, data_dir):
     assert model.head == "probe" and model.num_classes == 18
     trained = variables["params"]
     assert_trees_equal(encoder_part(trained, trained), encoder_part(models.to_layout(params, False), trained))
+    np.testing.assert_array_equal(trained["pos_embed"][0], sincos_table_2d(64, 8, 8))  # frozen at the MAE's table
     abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))))["params"]
     fresh = classify.initial_params_fn(config, model)(abstract)["head"]
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), fresh, variables["params"]["head"])

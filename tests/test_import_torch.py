@@ -96,3 +96,56 @@ def test_fair_mae_round_trip():
     for key, value in sd.items():
         np.testing.assert_allclose(back[key], value.numpy(), atol=1e-6, err_msg=key)
     assert models.build("mae_vit_base", **overrides).decoder_width == 32
+
+
+@pytest.mark.parametrize("arch,head,pool", [("crate", "finetune", "mean"), ("crate", "probe", "cls"),
+                                            ("vit", "finetune", "cls"), ("vit", "probe", "cls")])  # fmt: skip
+def test_fair_classifier_round_trip(arch, head, pool, tmp_path):
+    """FAIR's models_vit layout (either backbone) -> a classifier checkpoint that `crate_jax.load`
+    rebuilds with the same logits -> the same state_dict back."""
+    from crate_jax import api
+    from tests import torch_fair_loops
+
+    model = torch_fair_loops.Classifier(arch=arch, img_size=32, patch_size=4, dim=64, depth=2, heads=4, num_classes=5,
+                                        global_pool=pool == "mean")  # fmt: skip
+    model = torch_reference.randomize_(model, seed=4)
+    model.pos_embed.data.add_(0.01)  # a trained table: no longer the sin-cos one
+    if head == "probe":
+        model = torch_fair_loops.make_linprobe(model)
+        model.head[0].running_mean.normal_(0.0, 0.1)
+        model.head[0].running_var.uniform_(0.5, 1.5)
+    name = "crate_mae_tiny" if arch == "crate" else "mae_vit_base"
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    variables, clf = import_torch.convert_classifier(sd, name, **TINY)
+    assert (clf.head, clf.pool, clf.num_classes, clf.learned_pos_embed) == (head, pool, 5, True)
+    import_torch.write_classifier(variables, clf, name, dict(TINY), str(tmp_path / "clf"), source="test")
+    loaded, loaded_vars = api.load(str(tmp_path / "clf"))
+    images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(np.asarray(loaded.apply(loaded_vars, images)), ref, rtol=1e-4, atol=1e-5)
+    back = export_torch.export_classifier(loaded_vars, loaded)
+    assert set(back) == set(sd) - {"head.0.num_batches_tracked"}
+    for key, value in back.items():
+        np.testing.assert_allclose(value, sd[key].numpy(), atol=1e-6, err_msg=key)
+
+
+def test_fair_classifier_errors_name_the_key():
+    from tests import torch_fair_loops
+
+    model = torch_fair_loops.Classifier(arch="vit", img_size=32, patch_size=4, dim=64, depth=2, heads=4, num_classes=5,
+                                        global_pool=False)  # fmt: skip
+    sd = dict(model.state_dict())
+    del sd["blocks.1.mlp.fc2.bias"]
+    with pytest.raises(ValueError, match=r"misses 1 key\(s\), first 'blocks.1.mlp.fc2.bias'"):
+        import_torch.convert_classifier(sd, "mae_vit_base", **TINY)
+    sd = dict(model.state_dict(), **{"pos_embed": torch.zeros(1, 17, 64)})
+    with pytest.raises(ValueError, match=r"pos_embed: checkpoint shape \(1, 17, 64\), .* expects \(1, 65, 64\)"):
+        import_torch.convert_classifier(sd, "mae_vit_base", **TINY)
+    probe = torch_fair_loops.make_linprobe(
+        torch_fair_loops.Classifier(
+            arch="vit", img_size=32, patch_size=4, dim=64, depth=2, heads=4, num_classes=5, global_pool=True
+        )  # fmt: skip
+    )
+    with pytest.raises(ValueError, match="fc_norm.weight: FAIR's global-pool linear probe"):
+        import_torch.convert_classifier(probe.state_dict(), "mae_vit_base", **TINY)

@@ -25,7 +25,7 @@ def _setup(batch_size, grad_accum_steps):
     rules = (("act_batch", ("slices", "data", "fsdp")),)
     schedule = optax.constant_schedule(1e-3)
     opt_config = ml_collections.ConfigDict(
-        dict(name="adamw", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, grad_clip_norm=1.0)
+        dict(name="adamw", b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, no_decay=(), grad_clip_norm=1.0)
     )
     _, shardings, tx = step.abstract_state(model, lambda p: optim.make_optimizer(opt_config, schedule, p), mesh, rules)
     state = step.init_state(model, tx, 0, shardings, mesh, rules)
@@ -64,12 +64,31 @@ def test_masking_noise_depends_on_seed_step_and_index_only():
     assert not np.array_equal(a, c)
 
 
-def test_weight_decay_mask_skips_biases_norms_tokens():
-    model = models.build("crate_mae_tiny", scan_layers=True, **TINY)
-    mask = optim.decay_mask(models.abstract_params(model))
-    assert mask["encoder"]["layers"]["ista"]["D"] and mask["patch_embed"]["proj"]["kernel"]
-    assert not mask["encoder"]["layers"]["norm1"]["scale"] and not mask["encoder"]["layers"]["mssa"]["to_out"]["bias"]
-    assert not mask["cls_token"] and not mask["mask_token"]
+@pytest.mark.parametrize("scan", [True, False])
+def test_weight_decay_mask_is_fairs_pretraining_rule(scan):
+    # timm's add_weight_decay: no decay for 1-D parameters and biases only; the (1, 1, d) tokens ARE decayed.
+    model = models.build("crate_mae_tiny", scan_layers=scan, **TINY)
+    params = models.abstract_params(model)
+    mask = optim.decay_mask(params)
+    layer = mask["encoder"]["layers"] if scan else mask["encoder"]["layer_0"]
+    assert layer["ista"]["D"] and layer["mssa"]["qkv"]["kernel"] and mask["patch_embed"]["proj"]["kernel"]
+    assert not layer["norm1"]["scale"] and not layer["mssa"]["to_out"]["bias"] and not mask["norm"]["bias"]
+    assert mask["cls_token"] and mask["mask_token"]
+    exempt = optim.decay_mask(params, optim.check_no_decay(params, ("cls_token", "mask_token")))
+    assert not exempt["cls_token"] and not exempt["mask_token"] and exempt["decoder_pred"]["kernel"]
+
+
+def test_no_decay_names_are_checked():
+    params = models.abstract_params(models.build("crate_mae_tiny", **TINY))
+    with pytest.raises(ValueError, match=r"config.optim.no_decay: 'cls_tokens' is not a parameter name"):
+        optim.check_no_decay(params, ("cls_tokens",))
+    with pytest.raises(ValueError, match=r"config.optim.no_decay='cls_token' must be a tuple"):
+        optim.check_no_decay(params, "cls_token")
+    config = load_config(str(ROOT / "configs" / "demo.py"))
+    assert tuple(config.optim.no_decay) == ()
+    config.optim.no_decay = ("mask_token", "typo")
+    with pytest.raises(ValueError, match="'typo' is not a parameter name"):
+        optim.make_optimizer(config.optim, optax.constant_schedule(1e-3), params)
 
 
 def test_validate_names_the_key():

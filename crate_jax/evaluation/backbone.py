@@ -3,7 +3,9 @@
 `config.init_from` (a pretraining workdir, a checkpoint directory or an `import_torch`
 output) names the model: its stored spec (preset name and overrides) rebuilds it, and
 `config.model`'s keys other than `name` (image_size, dtype, scan_layers, remat: nothing that
-changes a parameter's shape) go on top. Without `init_from`, `config.model.name` is the
+changes a parameter's shape) go on top. The linear probe and fine-tuning (`classify`) also
+accept a classifier checkpoint (a probe / fine-tune run, or `import_torch` of FAIR's
+classifier checkpoints): its backbone spec names the model. Without `init_from`, `config.model.name` is the
 preset. `config.random_init=True` keeps the architecture and draws fresh weights: the
 baseline a pretrained encoder should beat.
 """
@@ -20,13 +22,13 @@ import jax.numpy as jnp
 from crate_jax import checkpoint, models
 
 
-def spec(config) -> dict[str, Any]:
+def spec(config, allow_classifier: bool = False) -> dict[str, Any]:
     """{"name", "overrides"} of the backbone, JSON-friendly (what checkpoints store)."""
     overrides = {k: v for k, v in config.model.items() if k != "name"}
     if not config.init_from:
         return checkpoint.model_spec(config.model.name, overrides)
     stored = checkpoint.read_meta(config.init_from)["model"]
-    if "classifier" in stored:
+    if "classifier" in stored and not allow_classifier:
         raise ValueError(
             f"config.init_from={config.init_from} holds a classifier (a linear-probe or fine-tuning run); "
             "point it at a pretraining checkpoint"

@@ -3,9 +3,13 @@
 The parameters keep the autoencoder's names (`patch_embed`, `cls_token`, `encoder`, and
 `norm` where the feature goes through it), so a pretraining checkpoint's encoder drops in;
 its mask token and decoder are not used. The encoder sees the whole image: cls + every patch
-token, the sin-cos position table of the classifier's own patch grid added once (computed
-for that grid: the table is fixed, not learned; or the paper's learned `pos_embed`). This is
-exactly the autoencoder's forward at mask ratio 0 (`api.encode`), then:
+token, the position table of the classifier's own patch grid added once: the fixed sin-cos
+table; the paper's learned `pos_embed` when the autoencoder has one (`position_table="learned"`);
+or, with `learned_pos_embed` (every fine-tuning run since FAIR-loop parity; checkpoints written
+before hold a fixed table), a parameter `pos_embed` (1, prefix + L, D) initialised to the sin-cos
+table and trained by fine-tuning as FAIR's timm ViT trains its `pos_embed` (layer 0, no weight
+decay). At initialisation this is exactly the autoencoder's forward at mask ratio 0
+(`api.encode`), then:
 
   head="probe"     final norm -> cls token or mean of the patch tokens -> stop_gradient ->
                    BatchNorm without affine -> Dense   (FAIR's linear probe)
@@ -63,6 +67,7 @@ class Classifier(nn.Module):
     drop_path_rate: float = 0.0
     cls_token: bool = True  # False: the paper's CRATE-MAE, tokens are the patches only
     position_table: str = "sincos"  # or "learned": the autoencoder's `pos_embed`
+    learned_pos_embed: bool = False  # a trainable `pos_embed` (FAIR's fine-tuning) or the fixed table
     scan_layers: bool = False
     remat: str = "none"
     dtype: Any = jnp.float32
@@ -87,8 +92,22 @@ class Classifier(nn.Module):
                 "cls_token", nn.with_logical_partitioning(token_init, (None, None, EMBED)), (1, 1, self.width),
                 self.param_dtype,
             ).astype(x.dtype)  # fmt: skip
-        table = position_rows(self, self.position_table, self.width, grid, (grid, grid), prefix, self.param_dtype)
-        pos = jnp.asarray(table, x.dtype)
+        if self.position_table == "sincos" and self.learned_pos_embed:
+            table = position_rows(self, "sincos", self.width, grid, (grid, grid), prefix, self.param_dtype)
+
+            def table_init(key, shape, dtype):
+                del key, shape
+                return jnp.asarray(table, dtype)[None]
+
+            pos = self.param(
+                "pos_embed",
+                nn.with_logical_partitioning(table_init, (None, None, EMBED)),
+                (1,) + table.shape,
+                self.param_dtype,
+            )[0]
+        else:  # the fixed table, or the autoencoder's own learned one (also named `pos_embed`)
+            pos = position_rows(self, self.position_table, self.width, grid, (grid, grid), prefix, self.param_dtype)
+        pos = jnp.asarray(pos, x.dtype)
         x = x + pos[prefix:]
         if self.cls_token:
             cls = jnp.broadcast_to(cls_token, (images.shape[0], 1, self.width)) + pos[:1]
@@ -129,8 +148,9 @@ class Classifier(nn.Module):
 
 
 def from_autoencoder(
-    mae, *, num_classes: int, head: str, pool: str, head_init_std: float, drop_path_rate: float = 0.0
-) -> Classifier:
+    mae, *, num_classes: int, head: str, pool: str, head_init_std: float, drop_path_rate: float = 0.0,
+    learned_pos_embed: bool = False,
+) -> Classifier:  # fmt: skip
     """The classifier on the encoder of `mae` (a CrateMAE or ViTMAE module); pool="cls" is
     "mean" for an encoder without a cls token."""
     tokens = dict(cls_token=True, position_table="sincos")
@@ -159,6 +179,7 @@ def from_autoencoder(
         layer_kwargs=flax.core.FrozenDict(layer_kwargs),
         drop_path_rate=drop_path_rate,
         **tokens,
+        learned_pos_embed=learned_pos_embed,
         scan_layers=mae.scan_layers,
         remat=mae.remat,
         dtype=mae.dtype,
@@ -170,7 +191,7 @@ def classifier_spec(backbone_spec: dict[str, Any], classifier: Classifier) -> di
     """meta["model"] of a classification run: the backbone spec plus what rebuilds the head."""
     fields = dict(
         num_classes=classifier.num_classes, head=classifier.head, pool=classifier.pool,
-        head_init_std=classifier.head_init_std,
+        head_init_std=classifier.head_init_std, learned_pos_embed=classifier.learned_pos_embed,
     )  # fmt: skip
     return dict(backbone_spec, classifier=fields)
 
@@ -192,10 +213,15 @@ def init_variables(classifier: Classifier):
 
 
 def encoder_params(mae_params, abstract_params) -> dict[str, Any]:
-    """The autoencoder's parameters that the classifier uses (those in `abstract_params`
-    other than the head), in the classifier's layer layout."""
+    """The parameters of a pretrained autoencoder (or classifier) that the classifier uses:
+    those in `abstract_params` other than the head, in the classifier's layer layout. A
+    learned `pos_embed` is taken where the source has one (the caller fills it otherwise)."""
     scanned = "layers" in abstract_params["encoder"]
-    picked = models.to_layout({k: mae_params[k] for k in abstract_params if k != "head"}, scanned)
+    optional = ("head", "pos_embed")
+    missing = [k for k in abstract_params if k not in optional and k not in mae_params]
+    if missing:
+        raise ValueError(f"the pretrained checkpoint lacks {missing} for the classifier (it has {sorted(mae_params)})")
+    picked = models.to_layout({k: mae_params[k] for k in abstract_params if k != "head" and k in mae_params}, scanned)
     want = jax.tree.map(jnp.shape, {k: abstract_params[k] for k in picked})
     got = jax.tree.map(jnp.shape, picked)
     if want != got:

@@ -1,7 +1,9 @@
 """What the linear probe and fine-tuning share as `train.fit` tasks.
 
 The classifier from the config (classifier.py on the encoder of `config.init_from`), its
-initial parameters (the pretrained encoder and a fresh head), the train step (soft-target
+initial parameters (the pretrained encoder and a fresh head; from a classifier checkpoint,
+e.g. FAIR's imported by `import_torch`, its encoder and position table, and its head and
+BatchNorm statistics when head, pool and class count match the config), the train step (soft-target
 cross-entropy, mixup / cutmix / label smoothing when the task asks, gradient accumulation,
 BatchNorm statistics carried in `TrainState.model_state`) and the evaluation (top-1 and top-5
 accuracy on the eval split, logged as `eval_accuracy` / `eval_top5_accuracy`, and written to
@@ -10,7 +12,9 @@ WORKDIR/{task}.json).
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +26,7 @@ from etils import epath
 
 from crate_jax import checkpoint, step
 from crate_jax.evaluation import backbone, classifier, mixup
+from crate_jax.models.layers import sincos_table_2d
 from crate_jax.train import Task, eval_batches
 
 # RNG streams after those of crate_jax/step.py (params 0, mask 1, eval mask 2).
@@ -36,7 +41,7 @@ def make_classifier(config, head: str, drop_path_rate: float = 0.0) -> tuple[cla
         raise ValueError(f"config.head.pool={config.head.pool!r} is not one of {classifier.POOLS}")
     if not 0.0 <= drop_path_rate < 1.0:
         raise ValueError(f"config.drop_path_rate={drop_path_rate} must be in [0, 1)")
-    backbone_spec = backbone.spec(config)
+    backbone_spec = backbone.spec(config, allow_classifier=True)
     model = classifier.from_autoencoder(
         backbone.build(backbone_spec),
         num_classes=config.num_classes,
@@ -44,24 +49,74 @@ def make_classifier(config, head: str, drop_path_rate: float = 0.0) -> tuple[cla
         pool=config.head.pool,
         head_init_std=config.head.init_std,
         drop_path_rate=drop_path_rate,
+        learned_pos_embed=True,
     )
     return model, classifier.classifier_spec(backbone_spec, model)
 
 
-def initial_params_fn(config, model: classifier.Classifier) -> Callable[[Any], Any]:
-    """abstract params -> the pretrained encoder plus a fresh head (None: all fresh)."""
+def stored_classifier(config) -> dict[str, Any] | None:
+    """The classifier fields of `config.init_from` when it holds a classifier, else None."""
+    if not backbone.pretrained(config):
+        return None
+    return checkpoint.read_meta(config.init_from)["model"].get("classifier")
+
+
+def head_fits(stored: dict[str, Any] | None, model: classifier.Classifier) -> bool:
+    """Whether a stored classifier's head can start this run's (same kind, pool and classes)."""
+    return stored is not None and (stored["head"], stored["pool"], stored["num_classes"]) == (
+        model.head, model.pool, model.num_classes,
+    )  # fmt: skip
+
+
+def _loader(config, model: classifier.Classifier) -> Callable[[], dict[str, Any]]:
+    """The variables of the classifier checkpoint in init_from, read once."""
+    return functools.cache(lambda: classifier.load_classifier(config.init_from, scan_layers=model.scan_layers)[1])
+
+
+def initial_params_fn(config, model: classifier.Classifier, load_stored=None) -> Callable[[Any], Any]:
+    """abstract params -> the pretrained encoder plus a fresh head (None: all fresh); from a
+    classifier checkpoint also its head when `head_fits`."""
 
     def initial_params(abstract_params):
         if not backbone.pretrained(config):
             return None
-        _, mae_params = checkpoint.load(config.init_from, scan_layers=model.scan_layers)
-        params = classifier.encoder_params(mae_params, abstract_params)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step.PARAMS_STREAM), HEAD_STREAM)
-        features = jnp.zeros((1, model.width), jnp.float32)
-        params["head"] = jax.jit(lambda k: nn.unbox(model.make_head().init(k, features))["params"])(key)
+        stored = stored_classifier(config)
+        if stored is None:
+            _, source = checkpoint.load(config.init_from, scan_layers=model.scan_layers)
+        else:
+            source = (load_stored or _loader(config, model))()["params"]
+        params = classifier.encoder_params(source, abstract_params)
+        if head_fits(stored, model):
+            params["head"] = source["head"]
+        elif stored is not None:
+            logging.info("config.init_from holds a %s head (%s pool, %d classes): this run starts a fresh %s head",
+                         stored["head"], stored["pool"], stored["num_classes"], model.head)  # fmt: skip
+        if "pos_embed" in abstract_params and "pos_embed" not in params:  # a fixed table before: its values
+            grid = model.image_size // model.patch_size
+            params["pos_embed"] = jnp.asarray(sincos_table_2d(model.width, grid, grid)[None], jnp.float32)
+        if "head" not in params:
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step.PARAMS_STREAM), HEAD_STREAM)
+            features = jnp.zeros((1, model.width), jnp.float32)
+            params["head"] = jax.jit(lambda k: nn.unbox(model.make_head().init(k, features))["params"])(key)
         return params
 
     return initial_params
+
+
+def init_variables_fn(config, model: classifier.Classifier, load_stored) -> Callable[[Any], Any]:
+    """`classifier.init_variables`, with the BatchNorm statistics of init_from's head when it
+    starts this run's head (FAIR's probe checkpoints carry them)."""
+    init = classifier.init_variables(model)
+    if not head_fits(stored_classifier(config), model):
+        return init
+    stats = {k: v for k, v in load_stored().items() if k != "params"}
+    if not stats:
+        return init
+
+    def init_with_stats(key):
+        return dict(init(key), **stats)
+
+    return init_with_stats
 
 
 def _split(x: jax.Array, batch_size: int, grad_accum_steps: int) -> jax.Array:
@@ -189,12 +244,13 @@ def make_task(config, *, head: str, make_optimizer, schedule, augment: bool, dro
 
     `make_optimizer(classifier, abstract params) -> optax transformation`."""
     model, model_spec = make_classifier(config, head, drop_path_rate)
+    load_stored = _loader(config, model)
     return Task(
         model_spec=model_spec,
-        init_variables=classifier.init_variables(model),
+        init_variables=init_variables_fn(config, model, load_stored),
         make_optimizer=lambda params: make_optimizer(model, params),
         make_step=lambda tx: make_train_step(model, tx, schedule, config, augment=augment),
         evaluate=Evaluator(config, model),
-        initial_params=initial_params_fn(config, model),
+        initial_params=initial_params_fn(config, model, load_stored),
         train_transform=config.data.transform,
     )

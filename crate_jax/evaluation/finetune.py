@@ -2,7 +2,8 @@
 
 Classifier: the pretrained encoder, mean-pooled patch tokens -> LayerNorm -> Dense (or the
 cls token after the final norm, `config.head.pool="cls"`). AdamW (lr base_lr x batch / 256,
-beta (0.9, 0.999), weight decay on matrices only) with layer-wise lr decay (llrd.py), warmup
+beta (0.9, 0.999), weight decay except on 1-D parameters, biases,
+pos_embed and cls_token: FAIR's `param_groups_lrd`) with layer-wise lr decay (llrd.py), warmup
 + cosine; drop-path on the MSSA residual of each encoder layer; mixup / cutmix and label
 smoothing on device in the step, one draw per step from fold_in(seed, step) (mixup.py).
 
@@ -31,7 +32,7 @@ def make_optimizer(config, schedule: optax.Schedule, params, depth: int) -> opta
         raise ValueError(f"config.optim.layer_decay={oc.layer_decay} must be in (0, 1]")
     tx = optax.chain(
         optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps),
-        optax.add_decayed_weights(oc.weight_decay, mask=optim.decay_mask(params)),
+        optax.add_decayed_weights(oc.weight_decay, mask=optim.decay_mask(params, optim.FINETUNE_NO_DECAY)),
         llrd.scale_by_multipliers(llrd.lr_multipliers(params, depth, oc.layer_decay)),
         optax.scale_by_learning_rate(schedule),
     )

@@ -1,6 +1,7 @@
 """Layer-wise learning-rate decay (BEiT, FAIR MAE `util/lr_decay.py`).
 
-Layer ids as FAIR's `get_layer_id_for_vit`: the patch embedding, cls token, `pos_embed` are layer 0,
+Layer ids as FAIR's `get_layer_id_for_vit`: the patch embedding, cls token and position
+table are layer 0,
 encoder layer i is layer i + 1, everything after the encoder (final norm, head) is layer
 depth + 1. A parameter of layer id l gets lr x decay^(depth + 1 - l), and its weight decay
 is scaled alike (the multiplier applies to AdamW's whole decoupled update, as a per-group

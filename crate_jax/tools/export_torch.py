@@ -3,7 +3,8 @@
     python -m crate_jax.tools.export_torch --init_from=WORKDIR --out=model.pth
 
 The file holds {"model": state_dict} as FAIR's and CRATE's trainers write it, loadable by
-the released model with `load_state_dict`. CRATE-MAE's unused `decoder_embed` is written
+the released model with `load_state_dict`; a linear-probe or fine-tune workdir is written in
+FAIR's `models_vit` layout (`export_classifier`). CRATE-MAE's unused `decoder_embed` is written
 as the identity map (the release stores one but never applies it).
 """
 
@@ -34,6 +35,17 @@ def export(params, name: str, **overrides) -> dict[str, np.ndarray]:
     return sd
 
 
+def export_classifier(variables, clf) -> dict[str, np.ndarray]:
+    """FAIR `models_vit`-layout state_dict of an `evaluation.Classifier` with a learned
+    `pos_embed` (the reverse of `import_torch.convert_classifier`); a probe's BatchNorm
+    running statistics included."""
+    flat = traverse_util.flatten_dict(models.to_layout(variables["params"], scan=False), sep="/")
+    flat |= traverse_util.flatten_dict(variables.get("batch_stats", {}), sep="/")
+    flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    rows = torch_layout.classifier_rows(clf) + torch_layout.classifier_stat_rows(clf)
+    return {row.torch_key: np.ascontiguousarray(row.to_torch(*[flat[p] for p in row.paths])) for row in rows}
+
+
 def save(state_dict: dict[str, np.ndarray], path: str) -> None:
     import torch  # optional dependency
 
@@ -45,9 +57,17 @@ def main(argv):
     if not flags.FLAGS.init_from or not flags.FLAGS.out:
         raise app.UsageError("--init_from and --out are required")
     meta: dict[str, Any] = checkpoint.read_meta(flags.FLAGS.init_from)
-    _, params = checkpoint.load(flags.FLAGS.init_from)
     spec = meta["model"]
-    save(export(params, spec["name"], **spec["overrides"]), flags.FLAGS.out)
+    if "classifier" in spec:  # a linear-probe / fine-tune run or an imported classifier
+        from crate_jax.evaluation.classifier import load_classifier
+
+        clf, variables = load_classifier(flags.FLAGS.init_from)
+        if not clf.learned_pos_embed:
+            raise app.UsageError(f"{flags.FLAGS.init_from}: a classifier with a fixed position table has no pos_embed")
+        save(export_classifier(variables, clf), flags.FLAGS.out)
+    else:
+        _, params = checkpoint.load(flags.FLAGS.init_from)
+        save(export(params, spec["name"], **spec["overrides"]), flags.FLAGS.out)
     print(f"exported {flags.FLAGS.init_from} ({spec['name']}) to {flags.FLAGS.out}")
 
 

@@ -2,6 +2,12 @@
 
 One table per model family, used in both directions by `import_torch` and `export_torch`.
 Each row: (torch key, our paths, to_ours(w) -> arrays, to_torch(*arrays) -> w).
+
+Classifiers (`classifier_rows`) follow FAIR's `models_vit` layout: `patch_embed`,
+`cls_token`, a learned `pos_embed`, `blocks.{i}` (ViT blocks, or the CRATE-MAE release's
+encoder-layer keys for the CRATE encoder), then `norm` (cls pooling) or `fc_norm` (global
+pooling) and `head`; FAIR's linear probe's head is `Sequential(BatchNorm1d(affine=False),
+Linear)`: `head.0.running_mean/var/num_batches_tracked` and `head.1.{weight,bias}`.
 Our paths are for unrolled layers (`encoder/layer_3/...`); `stack_layers` turns them into
 the scanned layout.
 """
@@ -95,6 +101,24 @@ def _common(model) -> list[Row]:
     return rows
 
 
+def _crate_encoder_layer(i: int, heads: int) -> list[Row]:
+    t, o = f"blocks.{i}.layers.0", f"encoder/layer_{i}"
+    rows = _norm(f"{t}.0.norm", f"{o}/norm1") + _mssa(f"{t}.0.fn", f"{o}/mssa", heads)
+    rows += _norm(f"{t}.1.norm", f"{o}/norm2")
+    rows.append(Row(f"{t}.1.fn.weight", (f"{o}/ista/D",), _same, _identity_back))
+    return rows
+
+
+def _vit_layer(prefix: str, ours: str, i: int) -> list[Row]:
+    t, o = f"{prefix}.{i}", f"{ours}/layer_{i}"
+    qkv = tuple(f"{o}/attn/{n}/{{}}" for n in ("query", "key", "value"))
+    rows = _norm(f"{t}.norm1", f"{o}/norm1") + _norm(f"{t}.norm2", f"{o}/norm2")
+    rows.append(Row(f"{t}.attn.qkv.weight", tuple(p.format("kernel") for p in qkv), _split3, _join3))
+    rows.append(Row(f"{t}.attn.qkv.bias", tuple(p.format("bias") for p in qkv), _split3, _join3))
+    rows += _dense(f"{t}.attn.proj", f"{o}/attn/proj")
+    return rows + _dense(f"{t}.mlp.fc1", f"{o}/fc1") + _dense(f"{t}.mlp.fc2", f"{o}/fc2")
+
+
 def crate_rows(model: CrateMAE) -> list[Row]:
     differences = model.release_layout_differences()
     if differences:  # e.g. the crate_mae_paper_* presets
@@ -105,10 +129,7 @@ def crate_rows(model: CrateMAE) -> list[Row]:
         )
     rows = _common(model)
     for i in range(model.depth):
-        t, o = f"blocks.{i}.layers.0", f"encoder/layer_{i}"
-        rows += _norm(f"{t}.0.norm", f"{o}/norm1") + _mssa(f"{t}.0.fn", f"{o}/mssa", model.num_heads)
-        rows += _norm(f"{t}.1.norm", f"{o}/norm2")
-        rows.append(Row(f"{t}.1.fn.weight", (f"{o}/ista/D",), _same, _identity_back))
+        rows += _crate_encoder_layer(i, model.num_heads)
     for i in range(model.decoder_depth):
         t, o = f"decoder_blocks.{i}.layers.0", f"decoder/layer_{i}"
         rows += _norm(f"{t}.0.norm", f"{o}/norm1") + _dense(f"{t}.0.fn", f"{o}/linear", bias=False)
@@ -120,13 +141,7 @@ def vit_rows(model) -> list[Row]:
     rows = _common(model) + _dense("decoder_embed", "decoder_embed")
     for prefix, ours, depth in (("blocks", "encoder", model.depth), ("decoder_blocks", "decoder", model.decoder_depth)):
         for i in range(depth):
-            t, o = f"{prefix}.{i}", f"{ours}/layer_{i}"
-            qkv = tuple(f"{o}/attn/{n}/{{}}" for n in ("query", "key", "value"))
-            rows += _norm(f"{t}.norm1", f"{o}/norm1") + _norm(f"{t}.norm2", f"{o}/norm2")
-            rows.append(Row(f"{t}.attn.qkv.weight", tuple(p.format("kernel") for p in qkv), _split3, _join3))
-            rows.append(Row(f"{t}.attn.qkv.bias", tuple(p.format("bias") for p in qkv), _split3, _join3))
-            rows += _dense(f"{t}.attn.proj", f"{o}/attn/proj")
-            rows += _dense(f"{t}.mlp.fc1", f"{o}/fc1") + _dense(f"{t}.mlp.fc2", f"{o}/fc2")
+            rows += _vit_layer(prefix, ours, i)
     return rows
 
 
@@ -150,3 +165,34 @@ def unused_keys(model) -> dict[str, tuple[int, ...]]:
         d = model.width
         return {"pos_embed": (1, model.num_patches + 1, d), "decoder_embed.weight": (d, d), "decoder_embed.bias": (d,)}
     return {}
+
+
+def classifier_rows(classifier) -> list[Row]:
+    """Parameter rows of an `evaluation.Classifier` (learned `pos_embed`) in models_vit layout."""
+    conv_in, conv_out = _conv(classifier.patch_size)
+    rows = [
+        Row("patch_embed.proj.weight", ("patch_embed/proj/kernel",), conv_in, conv_out),
+        Row("patch_embed.proj.bias", ("patch_embed/proj/bias",), _same, _identity_back),
+        Row("cls_token", ("cls_token",), _same, _identity_back),
+        Row("pos_embed", ("pos_embed",), _same, _identity_back),
+    ]
+    for i in range(classifier.depth):
+        if classifier.arch == "crate":
+            rows += _crate_encoder_layer(i, classifier.num_heads)
+        else:
+            rows += _vit_layer("blocks", "encoder", i)
+    if classifier.head == "finetune" and classifier.pool == "mean":
+        rows += _norm("fc_norm", "head/fc_norm")
+    else:
+        rows += _norm("norm", "norm")
+    return rows + _dense("head.1" if classifier.head == "probe" else "head", "head/fc")
+
+
+def classifier_stat_rows(classifier) -> list[Row]:
+    """The probe head's BatchNorm running statistics (`batch_stats`), as BatchNorm1d stores them."""
+    if classifier.head != "probe":
+        return []
+    return [
+        Row("head.0.running_mean", ("head/bn/mean",), _same, _identity_back),
+        Row("head.0.running_var", ("head/bn/var",), _same, _identity_back),
+    ]
