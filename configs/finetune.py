@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.matmul_precision = "default"
     config.peak_flops_per_device = 0.0
     config.profile_steps = 0
+    config.hang_timeout_s = 1800.0  # no finished step / eval batch / phase heartbeat for this long: log stacks, exit 3
     config.drop_path_rate = 0.1  # the last encoder layer's; linear from 0 in the first (FAIR/timm)
 
     config.mesh = ml_collections.ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))

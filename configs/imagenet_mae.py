@@ -64,7 +64,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init_from = ""  # an Orbax checkpoint dir (a training workdir or import_torch output)
     config.matmul_precision = "default"
     config.peak_flops_per_device = 0.0  # set to report MFU (e.g. 1.97e14 for a v5e chip, bf16)
-    config.profile_steps = 0  # >0: capture a profiler trace of that many steps
+    config.profile_steps = 0  # >0: a profiler trace of that many steps into WORKDIR/profile
+    config.hang_timeout_s = 1800.0  # no finished step / eval batch / phase heartbeat for this long: log stacks, exit 3
     # k-NN accuracy of frozen cls features at eval steps ("" = off): bank split, query split.
     # Every eval encodes both, so use slices on ImageNet (e.g. "train[:2%]", "validation[:10%]").
     config.knn_split = ""

@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init_from = ""  # the pretrained model: a training workdir, checkpoint dir or import_torch output
     config.random_init = False  # True: init_from's architecture with random weights (a baseline)
     config.matmul_precision = "default"
+    config.hang_timeout_s = 1800.0  # no finished step / eval batch / phase heartbeat for this long: log stacks, exit 3
 
     config.mesh = ml_collections.ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))
     config.axis_rules = [

@@ -4,6 +4,10 @@ model, params = crate_jax.load(DIR)            # a training workdir or an import
 features = crate_jax.encode(model, params, images)
 """
 
-from crate_jax.api import encode, load
+from crate_jax import platforms
+
+platforms.skip_absent_tpu()  # before any backend starts: no libtpu error where there is no TPU
+
+from crate_jax.api import encode, load  # noqa: E402
 
 __all__ = ["encode", "load"]

@@ -12,6 +12,7 @@ from jax.experimental import multihost_utils
 
 from crate_jax import checkpoint, models, optim, step, visualize
 from crate_jax.analysis import coding_rate
+from crate_jax.evaluation import features, knn
 from crate_jax.models.mae import CrateMAE
 from crate_jax.tools import flops
 from crate_jax.train import Task, eval_batches
@@ -94,7 +95,6 @@ class Evaluator:
             metrics |= {f"coding_rate/decoder_{i}": float(v) for i, v in enumerate(dec)}
             metrics |= {f"sparsity/encoder_{i}": float(v) for i, v in enumerate(sparse)}
         if config.knn_split:  # frozen-feature k-NN accuracy on a labelled split, as DINO
-            from crate_jax.evaluation import features, knn
 
             def batches(split):
                 return features.split_batches(config, mesh, split, config.data.eval_transform, config.eval_batch_size)

@@ -1,11 +1,17 @@
-"""The one training loop: `train_and_evaluate(config, workdir)` for every training task.
+"""The one training loop: `train_and_evaluate(config, workdir, make_task)` for every training task.
 
 The path of one batch: the grain iterator (crate_jax/data) yields this process's rows ->
 `sharding.global_batch` forms global arrays on the mesh -> the task's jitted, donated step
 updates the sharded state -> metrics go to `metrics.MetricsLog`, checkpoints (state +
 iterator) to Orbax through `checkpoint.save_train_state`. What differs between tasks (the
 model, the step, the evaluation) comes in a `Task` (crate_jax/pretrain.py for MAE
-pretraining).
+pretraining); this module imports no task: the table from `config.task` to its task is in
+crate_jax/main.py.
+
+Between log steps the host never waits for the device: the loop runs under
+`jax.transfer_guard("disallow")`, a finished step's metrics are fetched after the next step
+is dispatched, and preemption is agreed through JAX's coordination service
+(crate_jax/preemption.py), not a device collective.
 """
 
 from __future__ import annotations
@@ -13,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,9 +29,8 @@ import ml_collections
 import numpy as np
 from clu import periodic_actions
 from etils import epath
-from jax.experimental import multihost_utils
 
-from crate_jax import checkpoint, data, models, provenance, sharding, step
+from crate_jax import checkpoint, data, models, preemption, provenance, sharding, step, watchdog
 from crate_jax.metrics import MetricsLog, Throughput
 
 
@@ -67,31 +71,11 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
 def validate(config, num_devices: int) -> None:
     """`validate_config`, then that the splits exist: everything fails before compiling."""
     validate_config(config, num_devices, jax.process_count())
+    watchdog.beat("reading (or building) the dataset")
     for split in (config.data.split, config.data.eval_split):  # a missing split fails now, not at the first eval
         data.num_examples(config.data.name, split, config.data.data_dir or None, backend=config.data.backend)
     for name in (config.data.transform, config.data.eval_transform):  # and a bad transform name or option
         data.get_transform(name, config.model.image_size, **transform_options(config, name))
-
-
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint at the next step")
-        self.requested = True
-
-    def check(self, mngr, step_num: int) -> bool:
-        flag = self.requested or mngr.reached_preemption(step_num)
-        if jax.process_count() > 1:  # every process must stop at the same step
-            flag = bool(multihost_utils.process_allgather(np.asarray(flag)).any())
-        return flag
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
 
 
 def transform_options(config, transform: str) -> dict[str, Any]:
@@ -140,25 +124,21 @@ def eval_batches(config, mesh) -> Iterator[dict[str, jax.Array]]:
     count = 0
     for count, local in enumerate(it, start=1):
         yield sharding.global_batch(local, mesh)
+        watchdog.beat(f"evaluation batch {count}")
         if count >= config.eval_steps:
             break
     if count == 0:
         raise ValueError(f"config.data.eval_split={config.data.eval_split!r} yielded no batch")
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-    """Train per `config` (its `task` picks what), resuming from `workdir` if it holds a
-    checkpoint. Returns the last training metrics."""
-    from crate_jax import pretrain  # tasks import this module for Task
-    from crate_jax.evaluation import finetune, linear_probe
-
-    tasks = {"pretrain": pretrain.make_task, "linear_probe": linear_probe.make_task, "finetune": finetune.make_task}
-    if config.task not in tasks:
-        raise ValueError(f"config.task={config.task!r} is not a training task: {sorted(tasks)}")
+def train_and_evaluate(config, workdir: str, make_task: Callable[[Any], Task]) -> dict[str, float]:
+    """Train the task `make_task(config)` builds, resuming from `workdir` if it holds a
+    checkpoint. Returns the last training metrics. (`crate_jax.main.run(config, workdir)`
+    picks `make_task` from `config.task`.)"""
     if config.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", config.matmul_precision)
     validate(config, jax.device_count())
-    return fit(config, workdir, tasks[config.task](config))
+    return fit(config, workdir, make_task(config))
 
 
 def fit(config, workdir: str, task: Task) -> dict[str, float]:
@@ -196,7 +176,9 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
             start_batch=start_batch,
         )
 
+    watchdog.beat("building the input pipeline")
     train_it = train_iterator()
+    watchdog.beat("restoring or initialising the state")
     if mngr.latest_step() is not None:
         targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         state, _, start, data_restored = checkpoint.restore_train_state(mngr, targets, train_it, jax.process_count())
@@ -215,6 +197,7 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
         start = 0
         if initial is not None:
             logging.info("initialised from %s", config.init_from)
+    watchdog.beat("state ready")
 
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("image", "label", "weight")}
     train_step = jax.jit(
@@ -224,12 +207,11 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
         donate_argnums=(0,),
     )
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=log.writer)]
-    if config.profile_steps > 0 and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps))
+    profiler = _Profiler(workdir / "profile", config.profile_steps) if jax.process_index() == 0 else None
     if start == 0:
         log.hparams({k: v for k, v in _flat(meta["config"]).items() if isinstance(v, int | float | str | bool)})
 
-    preemption = _Preemption()
+    stopper = preemption.Preemption()
     throughput = Throughput()
     flops_per_step = 0.0
     last: dict[str, float] = {}
@@ -238,6 +220,7 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
     def finish(pending) -> dict[str, float]:
         n, metrics = pending
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        watchdog.beat(f"train step {n}")
         if not np.isfinite(metrics["loss"]):
             raise FloatingPointError(
                 f"loss is {metrics['loss']} at step {n}; last good checkpoint: step {mngr.latest_step()} "
@@ -251,48 +234,92 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
                 if config.peak_flops_per_device > 0:
                     achieved = flops_per_step * rate / config.batch_size / jax.device_count()
                     metrics["mfu"] = achieved / config.peak_flops_per_device
-            log.scalars(n, metrics)
+            with jax.transfer_guard("allow"):
+                log.scalars(n, metrics)
         return metrics
 
+    # Implicit transfers fail inside the loop (explicit ones, the batch's device_put and the
+    # metrics' device_get, are allowed): a per-step host sync cannot creep in unnoticed.
+    # Checkpoints and evaluations run outside the guard.
     try:
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules), jax.transfer_guard("disallow"):
             for n in range(start + 1, config.total_steps + 1):
                 batch = sharding.global_batch(next(train_it), mesh)
                 if n == start + 1:  # compile ahead of time, to report its cost
-                    train_step, xla_flops = _compile(train_step, state, batch, log, n)
+                    watchdog.beat("compiling the train step")
+                    with jax.transfer_guard("allow"):
+                        train_step, xla_flops = _compile(train_step, state, batch, log, n)
+                    watchdog.beat("compiled the train step")
                     flops_per_step = task.flops_per_step or xla_flops
                     throughput.start()
-                with jax.transfer_guard("disallow"):
-                    state, metrics = train_step(state, batch)
+                if profiler is not None:
+                    profiler.before(n - start)
+                state, metrics = train_step(state, batch)
                 throughput.add(config.batch_size)
                 if pending is not None:
                     last = finish(pending)
                 pending = (n, metrics)
+                if profiler is not None:
+                    profiler.after(n - start, state)
                 for hook in hooks:
                     hook(n)
-                stop = preemption.check(mngr, n)
+                stop = stopper.stop(n)
                 final = stop or n == config.total_steps
                 if n % config.checkpoint_every_steps == 0 or final:
                     last, pending = finish(pending), None  # never save a non-finite state
                     throughput.pause()
-                    checkpoint.save_train_state(mngr, n, state, train_it, dict(meta, step=n), force=final)
+                    watchdog.beat(f"saving step {n}")
+                    with jax.transfer_guard("allow"):
+                        checkpoint.save_train_state(mngr, n, state, train_it, dict(meta, step=n), force=final)
+                    watchdog.beat(f"saved step {n}")
                     throughput.start()
                 if stop:
-                    mngr.wait_until_finished()
+                    with jax.transfer_guard("allow"):
+                        mngr.wait_until_finished()
                     logging.warning("preempted: saved step %d, exiting", n)
                     break
                 if n % config.eval_every_steps == 0 or n == config.total_steps:
                     throughput.pause()
-                    task.evaluate(state, n, mesh, log, workdir)
+                    watchdog.beat(f"evaluating at step {n}")
+                    with jax.transfer_guard("allow"):
+                        task.evaluate(state, n, mesh, log, workdir)
+                    watchdog.beat(f"evaluated at step {n}")
                     throughput.start()
             if pending is not None:
                 last = finish(pending)
     finally:
-        preemption.restore()
+        stopper.close()
+        if profiler is not None:
+            profiler.close()
         mngr.wait_until_finished()
         mngr.close()
         log.flush()
     return last
+
+
+class _Profiler:
+    """A profiler trace of `num_steps` steps into `logdir`, starting with the second step
+    after (re)start (the first includes compiling); `jax.profiler.ProfileData` reads it."""
+
+    def __init__(self, logdir: epath.Path, num_steps: int):
+        self.logdir, self.num_steps, self.running = logdir, num_steps, False
+
+    def before(self, i: int) -> None:
+        if self.num_steps > 0 and i == 2:
+            jax.profiler.start_trace(str(self.logdir))
+            self.running = True
+
+    def after(self, i: int, state) -> None:
+        if self.running and i >= 1 + self.num_steps:
+            self.close(state)
+
+    def close(self, state=None) -> None:
+        if self.running:
+            if state is not None:
+                jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.running = False
+            logging.info("profiler trace written to %s", self.logdir)
 
 
 def _compile(train_step, state, batch, log: MetricsLog, n: int):

@@ -62,6 +62,18 @@ def test_feature_gram_equals_token_gram(tokens, head_dim):
     np.testing.assert_allclose(by_features, by_tokens, rtol=1e-5)
 
 
+def test_coding_rate_calls_no_lapack_kernel():
+    # jaxlib's CPU LAPACK kernels block an XLA pool thread per call; with several CPU devices
+    # the evaluation's coding rate deadlocked in `lapack_spotrf` (issue 12). The program must
+    # stay in plain XLA ops, and its logdet must still be the exact one.
+    u = jax.random.normal(jax.random.key(3), (2, 4, TOKENS, HEADS * HEAD_DIM))
+    hlo = jax.jit(coding_rate.layer_coding_rates, static_argnums=1).lower(u, HEADS).as_text()
+    assert "custom_call" not in hlo, [line for line in hlo.splitlines() if "custom_call" in line][:3]
+    x = np.asarray(coding_rate.head_features(u[0], HEADS))
+    spd = np.eye(HEAD_DIM) + 10.0 * np.einsum("...np,...nq->...pq", x, x)
+    np.testing.assert_allclose(coding_rate._logdet_spd(spd.astype(np.float32)), np.linalg.slogdet(spd)[1], rtol=1e-6)
+
+
 def test_identical_tokens_compress_below_random_tokens():
     random = jax.random.normal(jax.random.key(2), (2, TOKENS, HEADS * HEAD_DIM))
     same = jnp.broadcast_to(random[:, :1], random.shape)

@@ -36,7 +36,7 @@ def test_notebook_is_valid_and_has_no_stored_outputs():
     assert not list(_outputs(nb)), "store the notebook without outputs"
     source = "\n".join(c.source for c in nb.cells)
     for needed in (
-        "train.train_and_evaluate(config, WORKDIR)",
+        "main.run(config, WORKDIR)",
         "import_torch.convert",
         "analyze.run(",
         "jax.devices()",

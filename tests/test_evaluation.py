@@ -1,7 +1,7 @@
 """Evaluation: linear probes (FAIR's and the logistic one), fine-tuning, k-NN, their configs.
 
 Tiny CRATE-MAE (width 64, 2 layers, 32 px, patch 4) with random weights as the "pretrained"
-checkpoint; the trained protocols run in-process through `train.train_and_evaluate` on the
+checkpoint; the trained protocols run in-process through `main.run` on the
 embedded dataset built into a temporary data dir."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from crate_jax import api, checkpoint, data, models, train
+from crate_jax import api, checkpoint, data, main, models
 from crate_jax.config_file import load_config
 from crate_jax.evaluation import classifier, classify, finetune, knn, linear_probe, llrd, logistic, mixup
 from crate_jax.models.crate import EncoderLayer
@@ -175,7 +175,7 @@ def test_vit_classifier_takes_drop_path():
 def test_linear_probe_fair_trains_the_head_only(tmp_path, pretrained, data_dir):
     path, _, params = pretrained
     config = tiny_config("linear_probe", path, data_dir)
-    train.train_and_evaluate(config, str(tmp_path))
+    main.run(config, str(tmp_path))
     model, variables = classifier.load_classifier(str(tmp_path))
     assert model.head == "probe" and model.num_classes == 18
     trained = variables["params"]
@@ -208,7 +208,7 @@ def test_linear_probe_optimizer_keeps_no_encoder_state():
 def test_finetune_trains_everything_with_mixup(tmp_path, pretrained, data_dir):
     path, _, params = pretrained
     config = tiny_config("finetune", path, data_dir, grad_accum_steps=2, **{"model.scan_layers": True})
-    last = train.train_and_evaluate(config, str(tmp_path))
+    last = main.run(config, str(tmp_path))
     assert np.isfinite(last["loss"])
     model, variables = classifier.load_classifier(str(tmp_path))
     assert (model.head, model.pool, model.scan_layers) == ("finetune", "mean", True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from crate_jax import checkpoint, data
+from crate_jax import checkpoint, data, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
@@ -248,7 +248,6 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, data_dir
 
 
 def test_bad_config_fails_before_compiling_and_keeps_the_checkpoint(tmp_path, data_dir, reference):
-    from crate_jax import train
     from crate_jax.config_file import load_config
 
     workdir = tmp_path / "run"
@@ -267,7 +266,7 @@ def test_bad_config_fails_before_compiling_and_keeps_the_checkpoint(tmp_path, da
         config.data.name, config.data.data_dir, config.data.eval_split = "crate_jax_embedded", data_dir, "probe_test"
         setattr(config[group] if group else config, key, value)
         with pytest.raises(ValueError, match=re.escape(message)):
-            train.train_and_evaluate(config, str(workdir))
+            main.run(config, str(workdir))
     # An unknown key fails in the command line parser, before anything runs.
     proc = run(workdir, data_dir, "--config.model.nonsense=1", check=False)
     assert proc.returncode != 0 and "nonsense" in proc.stderr

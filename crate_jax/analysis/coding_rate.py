@@ -39,9 +39,28 @@ def head_features(u_xNxD: jax.Array, num_heads: int) -> jax.Array:
 
 
 def _logdet_spd(m: jax.Array) -> jax.Array:
-    """logdet of symmetric positive-definite matrices (..., M, M); here all eigenvalues are >= 1."""
-    chol = jnp.linalg.cholesky(m)
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    """logdet of symmetric positive-definite matrices (..., M, M); here all eigenvalues are >= 1.
+
+    The product of the pivots of Gaussian elimination (no pivoting is needed for SPD
+    matrices; the pivots are the squared diagonal of the Cholesky factor), in plain XLA ops.
+    Not `jnp.linalg.cholesky`: on CPU that is jaxlib's LAPACK kernel, which (jaxlib 0.10/0.11)
+    splits a batch over XLA's intra-op thread pool and blocks its pool thread until the
+    pieces finish; with several CPU devices every device's program can block a pool thread
+    that way at once, leaving no thread to run the pieces, and the evaluation hangs."""
+    size = m.shape[-1]
+    index = jnp.arange(size)
+
+    def eliminate(j, carry):
+        a, logdet = carry
+        column = jnp.take(a, j, axis=-1)  # (..., M): column j of the remaining Schur complement
+        pivot = jnp.take(column, j, axis=-1)  # (...,)
+        below = jnp.where(index > j, column, 0.0)
+        a = a - below[..., :, None] * below[..., None, :] / pivot[..., None, None]
+        return a, logdet + jnp.log(pivot)
+
+    m = m.astype(jnp.float32)
+    _, logdet = jax.lax.fori_loop(0, size, eliminate, (m, jnp.zeros(m.shape[:-2], jnp.float32)))
+    return logdet
 
 
 def coding_rate(x_xKxNxP: jax.Array, eps_sq: float = EPS_SQ) -> jax.Array:

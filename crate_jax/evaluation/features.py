@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from crate_jax import api, sharding, train
+from crate_jax import api, sharding, train, watchdog
 
 POOLS = ("cls", "mean", "pixels")
 
@@ -53,6 +53,7 @@ def encode_batches(model, params, batches: Iterable[dict[str, Any]], pool: str) 
         keep = weight > 0
         features.append(feats[keep].astype(np.float32))
         labels.append(label[keep])
+        watchdog.beat(f"extracting features: batch {len(features)}")
     if not features:
         raise ValueError("no batch to encode")
     return np.concatenate(features), np.concatenate(labels)

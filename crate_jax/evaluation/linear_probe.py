@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax
 import optax
 
-from crate_jax import optim
-from crate_jax.evaluation import classify
+from crate_jax import optim, train
+from crate_jax.evaluation import classify, logistic
 
 PROTOCOLS = ("fair", "logistic")
 
@@ -70,9 +70,5 @@ def run(config, workdir: str) -> dict[str, float]:
     if config.protocol not in PROTOCOLS:
         raise ValueError(f"config.protocol={config.protocol!r} is not one of {PROTOCOLS}")
     if config.protocol == "logistic":
-        from crate_jax.evaluation import logistic
-
         return logistic.run(config, workdir)
-    from crate_jax import train
-
-    return train.train_and_evaluate(config, workdir)
+    return train.train_and_evaluate(config, workdir, make_task)

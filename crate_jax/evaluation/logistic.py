@@ -27,6 +27,7 @@ import optax
 import optax.tree_utils as otu
 from etils import epath
 
+from crate_jax import watchdog
 from crate_jax.evaluation import backbone, features
 from crate_jax.metrics import MetricsLog
 
@@ -96,11 +97,14 @@ def select_and_fit(
     fit_idx, held_idx = order[held:], order[:held]
     x_fit, x_held = standardise(train_x[fit_idx], train_x[held_idx])
     kw = dict(num_classes=num_classes, max_iters=max_iters, tol=tol)
+    watchdog.beat(f"fitting the logistic probe: {grid.size} L2 strengths")
     sweep = fit(x_fit, train_y[fit_idx], grid, **kw)
+    watchdog.beat("fitting the logistic probe: the chosen L2 strength")
     held_acc = (predict(sweep, x_held) == train_y[held_idx][None]).mean(axis=1)
     best = int(np.argmax(held_acc))
     x_train, x_eval = standardise(train_x, eval_x)
     final = fit(x_train, train_y, grid[best], **kw)
+    watchdog.beat("fitted the logistic probe")
     return {
         "eval_accuracy": float((predict(final, x_eval) == eval_y).mean()),
         "train_accuracy": float((predict(final, x_train) == train_y).mean()),

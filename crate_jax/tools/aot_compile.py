@@ -40,14 +40,14 @@ from etils import epath  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from crate_jax import pretrain, sharding, step, train  # noqa: E402
+from crate_jax import sharding, step, train  # noqa: E402
 from crate_jax.tools import topologies  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
 
 
-TASKS = {"pretrain": pretrain.make_task}  # config.task -> Task, as train.train_and_evaluate dispatches
+from crate_jax.main import TASKS  # noqa: E402  (config.task -> Task factory: the entry point's table)
 
 
 class DoesNotFit(Exception):

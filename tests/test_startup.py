@@ -1,0 +1,79 @@
+"""Start-up (issue 12): JAX's own cluster detection decides whether to join jax.distributed
+(a one-task SLURM job does not, a multi-task one or an Open MPI job of several ranks would),
+one log line names what was found; and with libtpu installed but no TPU, an ordinary run
+prints no libtpu error even without JAX_PLATFORMS."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crate_jax import cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_VARS = ("SLURM_", "OMPI_", "TPU_", "KUBERNETES_SERVICE_HOST", "MEGASCALE_")
+
+
+def slurm(ntasks: int) -> dict[str, str]:
+    return {"SLURM_JOB_ID": "77", "SLURM_STEP_NODELIST": "node1", "SLURM_NTASKS": str(ntasks), "SLURM_PROCID": "0",
+            "SLURM_LOCALID": "0"}  # fmt: skip
+
+
+@pytest.fixture
+def no_cluster(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(CLUSTER_VARS):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_nothing_detected_on_a_plain_machine(no_cluster):
+    assert cluster.detect() == (None, 1)
+
+
+def test_slurm_and_open_mpi_are_detected_with_their_process_counts(no_cluster):
+    for key, value in slurm(4).items():
+        no_cluster.setenv(key, value)
+    assert cluster.detect() == ("SlurmCluster", 4)
+    for key in slurm(4):
+        no_cluster.delenv(key)
+    no_cluster.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.0.0.1:34911")
+    no_cluster.setenv("OMPI_COMM_WORLD_SIZE", "8")
+    no_cluster.setenv("OMPI_COMM_WORLD_RANK", "0")
+    assert cluster.detect() == ("OmpiCluster", 8)
+
+
+def test_explicit_coordinator_needs_the_process_count_and_index():
+    with pytest.raises(ValueError, match="--num_processes and --process_id"):
+        cluster.initialize("127.0.0.1:1234", None, 0)
+
+
+def test_one_slurm_task_runs_alone_and_libtpu_stays_quiet(tmp_path):
+    # The real entry point in a fake one-task SLURM job, JAX_PLATFORMS unset; it fails on
+    # purpose after start-up (an unknown task), before any training.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS) and k != "JAX_PLATFORMS"}
+    env |= slurm(1) | {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "crate_jax.main", "--config=configs/imagenet_mae.py:runlocal",
+         "--config.task=nonsense", f"--workdir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "config.task='nonsense' is not one of" in proc.stderr, proc.stderr[-3000:]
+    assert "start-up: SlurmCluster, one process (not initialising jax.distributed); process 0 of 1" in proc.stderr
+    assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "INVALID_ARGUMENT" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_without_the_fix_libtpu_would_speak():
+    # Guards the test above: where libtpu is installed and JAX itself starts backends, the
+    # error appears, so its absence above is crate_jax's doing.
+    pytest.importorskip("libtpu")
+    from jax._src import hardware_utils
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+        pytest.skip("a TPU is here: libtpu starts without an error")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_VARS) and k != "JAX_PLATFORMS"}
+    proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert "TPU_WORKER_HOSTNAMES" in proc.stderr
