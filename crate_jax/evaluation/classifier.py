@@ -127,7 +127,7 @@ def from_autoencoder(
             ),
         )
     else:
-        arch, layer_kwargs = "vit", dict(mlp_ratio=mae.mlp_ratio)
+        arch, layer_kwargs = "vit", dict(mlp_ratio=mae.mlp_ratio, attention=mae.attention)
     return Classifier(
         arch=arch,
         image_size=mae.image_size,

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax.models.crate import ATTENTION_IMPLS
+from crate_jax.models.attention import MSSA_IMPLS, VIT_IMPLS
 from crate_jax.models.mae import LOSS_PATCHES, CrateMAE, ViTMAE
 from crate_jax.models.stack import check_remat
 
@@ -47,7 +47,7 @@ COMMON_OVERRIDES = (
     "mask_ratio", "norm_pix_loss", "loss_patches", "scan_layers", "remat", "dtype", "param_dtype",
 )  # fmt: skip
 CRATE_OVERRIDES = COMMON_OVERRIDES + ("ista_step", "ista_lambda", "ista_fused", "encoder_tokens", "attention")
-VIT_OVERRIDES = COMMON_OVERRIDES + ("decoder_width", "mlp_ratio")
+VIT_OVERRIDES = COMMON_OVERRIDES + ("decoder_width", "mlp_ratio", "attention")
 
 
 def _dtype(value: Any, key: str) -> Any:
@@ -85,8 +85,9 @@ def model_fields(name: str, **overrides) -> tuple[type, dict[str, Any]]:
         raise ValueError(
             f"model.decoder_num_heads={fields['decoder_num_heads']} does not divide the decoder width {dec_width}"
         )
-    if fields.get("attention", "symmetric") not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention={fields['attention']!r} is not one of {ATTENTION_IMPLS}")
+    impls = MSSA_IMPLS if cls is CrateMAE else VIT_IMPLS
+    if fields.get("attention", "auto") not in impls:
+        raise ValueError(f"model.attention={fields['attention']!r} is not one of {impls} for {name}")
     if fields.get("loss_patches", "masked") not in LOSS_PATCHES:
         raise ValueError(f"model.loss_patches={fields['loss_patches']!r} is not one of {LOSS_PATCHES}")
     if not 0.0 <= fields["mask_ratio"] < 1.0:
