@@ -197,17 +197,21 @@ def _pallas_tpu(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float):
     else:
         # Batch and heads as the activations are sharded; tokens and head dim whole per shard.
         spec = nn.logical_to_mesh_axes((ACT_BATCH, ACT_HEADS, None, None))
-        spec = jax.sharding.PartitionSpec(*(_present(a, mesh) for a in spec))
+        spec = jax.sharding.PartitionSpec(*(_divides(a, mesh, size) for a, size in zip(spec, q.shape, strict=True)))
         out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
     return out.transpose(0, 2, 1, 3)
 
 
-def _present(axes, mesh):
-    """A PartitionSpec entry with the mesh axes this mesh lacks dropped."""
+def _divides(axes, mesh, size: int):
+    """A PartitionSpec entry: the mesh axes this mesh has, or None (replicated) where they do
+    not divide the dimension (e.g. the one-image batch `model.init` traces)."""
     if axes is None:
         return None
     kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
-    return kept or None
+    shards = 1
+    for a in kept:
+        shards *= mesh.shape[a]
+    return kept if kept and size % shards == 0 else None
 
 
 def mssa(u_BxNxKxP: jax.Array, scale: float, implementation: str) -> jax.Array:
