@@ -247,21 +247,27 @@ def attend(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float, implementation: str, d
     raise ValueError(f"attention implementation {implementation!r} does not apply here")
 
 
-def fused_flops(batch: int, heads: int, tokens: int, head_dim: int, implementation: str) -> float:
-    """FLOPs a fused kernel spends on one attention call, forward + backward, at the token
-    count it pads to (what XLA's cost analysis cannot see inside a custom call): 2 products
-    forward, 5 backward (S and dP recomputed or formed, dV, dQ, dK), 2 FLOPs per multiply-add."""
-    multiple = PALLAS_TOKEN_MULTIPLE if implementation == "pallas_tpu" else CUDNN_TOKEN_MULTIPLE
-    n = _round_up(tokens, multiple)
-    return 2.0 * (2 + 5) * batch * heads * n * n * head_dim
+def fused_flops(batch: int, heads: int, tokens: int, head_dim: int, implementation: str, forward: bool = True) -> float:
+    """FLOPs a fused kernel spends on one attention call at the token count it pads to (what
+    XLA's cost analysis cannot see inside a custom call), 2 FLOPs per multiply-add: 2 products
+    forward (S = q kᵀ, P v), 5 backward (S recomputed, dP, dV, dQ, dK). `forward=False`:
+    the backward only (the Pallas forward kernel carries its own cost estimate, which XLA counts)."""
+    n = _round_up(tokens, _multiple(implementation))
+    return 2.0 * ((2 if forward else 0) + 5) * batch * heads * n * n * head_dim
 
 
-def fused_bytes(batch: int, heads: int, tokens: int, head_dim: int, itemsize: int, implementation: str) -> float:
-    """HBM bytes a fused kernel moves per call, forward + backward: q, k, v, o read/written
-    once forward; q, k, v, o, dO read and dQ, dK, dV written backward (plus fp32 row
-    statistics), at the padded token count; blocks re-read across the grid not counted."""
-    multiple = PALLAS_TOKEN_MULTIPLE if implementation == "pallas_tpu" else CUDNN_TOKEN_MULTIPLE
-    n = _round_up(tokens, multiple)
+def fused_bytes(
+    batch: int, heads: int, tokens: int, head_dim: int, itemsize: int, implementation: str, forward: bool = True
+) -> float:
+    """HBM bytes a fused kernel moves per call at the padded token count: forward q, k, v read
+    and o written; backward (two kernels, dK/dV and dQ) q, k, v, dO read by each, dQ, dK, dV
+    written, and the fp32 row statistics read by each. Blocks re-read across the grid are not
+    counted (a lower bound). `forward=False`: the backward only."""
+    n = _round_up(tokens, _multiple(implementation))
     tile = batch * heads * n * head_dim * itemsize
-    return float(4 * tile + 8 * tile + 3 * batch * heads * n * 4)
+    rows = batch * heads * n * 4
+    return float((4 * tile if forward else 0) + 11 * tile + 2 * 3 * rows)
 
+
+def _multiple(implementation: str) -> int:
+    return PALLAS_TOKEN_MULTIPLE if implementation == "pallas_tpu" else CUDNN_TOKEN_MULTIPLE

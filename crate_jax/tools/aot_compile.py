@@ -126,9 +126,9 @@ def attention_calls(config) -> list[tuple[int, int, int, str]]:
 
 
 def fused_attention_cost(config, mesh) -> dict:
-    """FLOPs and HBM bytes per chip of the attention calls a fused kernel runs in one train step
-    (forward + backward), counted analytically at the kernel's padded token count: what XLA's
-    cost analysis leaves out of a custom call. Zero when the step has no fused kernel on TPU."""
+    """FLOPs and HBM bytes per chip that XLA's cost analysis leaves out of the Pallas attention
+    kernels in one train step: the backward kernels (the forward kernel carries a cost
+    estimate XLA counts), analytically at the padded token count. Zero without Pallas kernels."""
     batch_shards = mesh.shape["slices"] * mesh.shape["data"] * mesh.shape["fsdp"]
     batch = config.batch_size // batch_shards
     itemsize = jnp.dtype(config.model.dtype).itemsize
@@ -140,8 +140,9 @@ def fused_attention_cost(config, mesh) -> dict:
         if impl not in ("pallas_tpu",):
             continue
         local_heads = max(heads // mesh.shape["tensor"], 1)
-        flops += attention.fused_flops(batch, local_heads, tokens, head_dim, impl)
-        bytes_ += attention.fused_bytes(batch, local_heads, tokens, head_dim, itemsize, impl)
+        # The forward kernel carries a cost estimate that XLA counts; the two backward ones none.
+        flops += attention.fused_flops(batch, local_heads, tokens, head_dim, impl, forward=False)
+        bytes_ += attention.fused_bytes(batch, local_heads, tokens, head_dim, itemsize, impl, forward=False)
     return {"attention": sorted(impls), "flops_per_chip": flops, "bytes_per_chip": bytes_}
 
 
