@@ -100,12 +100,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.scan_layers = True
     # Large needs remat to fit 16 GiB v5e chips at batch 16/chip (aot_compile: 13.7 -> 4.4 GiB, +3% FLOPs).
     config.model.remat = "dots" if args["variant"].endswith("large") else "none"
+    # auto: by platform and dtype (models/attention.py AUTO: cuDNN on GPUs in bf16, the Pallas
+    # flash kernel on TPUs, the symmetric form on CPU); or symmetric | autodiff | dot_product |
+    # cudnn | pallas_tpu (symmetric is CRATE-MAE's only).
+    config.model.attention = "auto"
     if name.startswith("crate_mae"):
         config.model.encoder_tokens = "all"  # "visible": the efficient variant (needs its own pretraining)
         config.model.ista_step = 0.1
         config.model.ista_lambda = 0.5
         config.model.ista_fused = True  # the release's ISTA step through an exact cheaper rewrite (models.crate)
-        config.model.attention = "symmetric"  # symmetric | autodiff | dot_product (cuDNN's fused kernel on GPUs)
         config.model.cls_token = not paper  # False: no cls token, features are the mean token
         config.model.mask_token_space = "pixel" if paper else "embedding"  # embedding | pixel | zeros
         config.model.position_table = "learned" if paper else "sincos"  # sincos | learned

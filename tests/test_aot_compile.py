@@ -90,11 +90,11 @@ def test_cli_compiles_the_train_step_for_v5e_4(tmp_path):
     out = tmp_path / "aot.json"
     proc = subprocess.run(
         [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=tiny,runlocal",
-         "--topology=v5e-4", f"--out={out}"],
+         "--topology=v5e-4", f"--out={out}", f"--dump_hlo={tmp_path / 'step.hlo'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "memory per chip" in proc.stdout and "FLOPs per step" in proc.stdout
+    assert "memory per chip" in proc.stdout and "FLOPs per step" in proc.stdout and "roofline" in proc.stdout
     r = json.loads(out.read_text())
     assert (r["topology"], r["topology_name"], r["chips"], r["hosts"]) == ("v5e-4", "v5e:2x2", 4, 1)
     assert r["device_kind"] == "TPU v5 lite" and r["model"] == "crate_mae_tiny" and r["batch_size"] == 16
@@ -111,6 +111,17 @@ def test_cli_compiles_the_train_step_for_v5e_4(tmp_path):
     assert r["flops_per_step"] == pytest.approx(r["compiled_flops_per_chip"] * 4, rel=0.25)
     assert r["step_time_at_peak_s"] == pytest.approx(r["flops_per_step"] / (4 * 197e12))
     assert r["collectives"]["all-reduce"] >= 1  # data parallelism: the gradients
+    # attention="auto" picks the Pallas TPU kernel for a TPU mesh, traced on this CPU host: its
+    # kernels are in the HLO (forward, dK/dV, dQ per call) and counted analytically.
+    fused = r["fused_attention"]
+    assert fused["attention"] == ["pallas_tpu"] and fused["kernel_calls_in_hlo"] >= 3
+    assert fused["flops_per_chip"] > 0 and fused["bytes_per_chip"] > 0
+    assert 'custom_call_target="tpu_custom_call"' in (tmp_path / "step.hlo").read_text()
+    rl = r["roofline"]
+    assert rl["flops_per_chip"] == pytest.approx(r["compiled_flops_per_chip"] + fused["flops_per_chip"])
+    assert rl["bytes_per_chip"] == pytest.approx(r["compiled_bytes_accessed_per_chip"] + fused["bytes_per_chip"])
+    assert rl["step_s"] == pytest.approx(max(rl["flops_per_chip"] / 197e12, rl["bytes_per_chip"] / 819e9))
+    assert rl["complete"]  # runlocal is unrolled
 
 
 @needs_libtpu

@@ -129,25 +129,64 @@ def test_harness_writes_well_formed_results(tmp_path):
     config.batch_size = 4
     variants = ["default", "visible+scan"]
     torch_module = "tests.torch_reference" if importlib.util.find_spec("torch") else None
-    results = benchmark.run(config, variants, steps=1, warmup=0, torch_module=torch_module)
+    torch_variants = ("torch_eager", "torch_sdpa")
+    results = benchmark.run(
+        config, variants, steps=1, warmup=0, torch_module=torch_module, torch_variants=torch_variants
+    )
     out = tmp_path / "bench.json"
     out.write_text(json.dumps(results))
     results = json.loads(out.read_text())
-    expected = variants + (["torch_eager"] if torch_module else [])
+    expected = variants + (list(torch_variants) if torch_module else [])
     assert [r["variant"] for r in results] == expected
     for r in results:
-        for key in ("images_per_sec", "mfu", "flops_per_image", "peak_flops", "step_s"):
+        for key in (
+            "images_per_sec", "mfu", "flops_per_image", "peak_flops", "step_s", "compile_s",
+            "model_flops_per_step", "measured_matmul_peak_flops", "peak_memory_bytes",
+        ):  # fmt: skip
             assert isinstance(r[key], float) and r[key] > 0, (r["variant"], key)
+        assert r["mfu"] == pytest.approx(r["model_flops_per_step"] / r["step_s"] / r["peak_flops"])
+        assert r["peak_flops_source"].startswith("measured fp32 matmul")  # CPU: no spec peak
         assert "ista_fused" in r and "environment" in r and "ista_form" in r
+    # MFU counts the released computation: ISTA as three products, for JAX and PyTorch rows alike.
+    assert results[0]["model_flops_per_step"] > results[0]["flops_per_step"]
+    assert results[0]["attention"] == "symmetric"  # auto on CPU
+    if torch_module:
+        eager, sdpa = results[-2], results[-1]
+        assert eager["attention_modules_on_sdpa"] == 0 and sdpa["attention_modules_on_sdpa"] == 4
+        assert eager["model_flops_per_step"] == sdpa["model_flops_per_step"] == results[0]["model_flops_per_step"]
     default, visible = results[0], results[1]
     assert default["compile_s"] > 0 and default["memory_per_device"]["temp_bytes"] > 0
     assert default["ista_fused"] is True and default["encoder_tokens"] == "all"
     assert default["ista_form"] in ("gram", "factored")
     if torch_module:
         assert results[-1]["ista_form"] == "released"
+        assert "JAX default / PyTorch sdpa" in benchmark.format_table(results)
     assert visible["encoder_tokens"] == "visible" and visible["scan_layers"] is True
     assert visible["flops_per_image"] < default["flops_per_image"]
     # XLA counts a scanned layer once; the unrolled twin's count is reported beside it.
     assert visible["xla_flops_per_step_unrolled"] > visible["xla_flops_per_step"]
     assert abs(visible["xla_flops_per_step_unrolled"] / visible["flops_per_step"] - 1) < 0.15
     assert "JAX default / PyTorch eager" in benchmark.format_table(results) or not torch_module
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_base"])
+def test_torch_sdpa_baseline_computes_the_released_model(name):
+    """The SDPA swap changes the attention's kernel, not the function: same loss as eager."""
+    import torch
+
+    from crate_jax.tools import torch_baselines
+    from tests import torch_reference
+
+    size = dict(image_size=32, patch_size=4, width=64, num_heads=4, depth=2, decoder_depth=2)
+    if name == "mae_vit_base":
+        size |= dict(decoder_width=32, decoder_num_heads=4)
+    model = models.build(name, **size)
+    eager = torch_baselines.build(torch_reference, model)
+    sdpa = torch_baselines.build(torch_reference, model)
+    sdpa.load_state_dict(eager.state_dict())
+    assert torch_baselines.use_sdpa(torch_reference, sdpa) == 4
+    images, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    with torch.no_grad():
+        a, b = eager(images, noise)["loss"], sdpa(images, noise)["loss"]
+    assert abs(a.item() - b.item()) <= 1e-5 * abs(a.item())

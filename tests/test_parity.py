@@ -4,6 +4,8 @@ Random weights -> `convert` -> the same images and noise -> loss, pred and laten
 to relative error <= 1e-5 in fp32.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,9 +76,13 @@ def test_crate_mae_factored_ista_matches_torch():
     compare(torch_crate(size), "crate_mae_tiny", size, batch=2)
 
 
-@pytest.mark.parametrize("attention", ["autodiff", "dot_product"])
+@pytest.mark.parametrize("attention", ["symmetric", "autodiff", "dot_product", "pallas_tpu"])
 def test_crate_mae_attention_implementations_match_torch(attention):
-    compare(torch_crate(), "crate_mae_tiny", dict(TINY, attention=attention))
+    # pallas_tpu: the TPU kernel itself, run by Pallas's TPU interpreter on CPU.
+    from jax.experimental.pallas import tpu as pltpu
+
+    with pltpu.force_tpu_interpret_mode() if attention == "pallas_tpu" else contextlib.nullcontext():
+        compare(torch_crate(), "crate_mae_tiny", dict(TINY, attention=attention))
 
 
 def test_crate_mae_single_head_uses_identity_output():
@@ -86,15 +92,21 @@ def test_crate_mae_single_head_uses_identity_output():
     compare(tmodel, "crate_mae_tiny", size)
 
 
-@pytest.mark.parametrize("norm_pix_loss", [False, True])
-def test_fair_mae_matches_torch(norm_pix_loss):
+@pytest.mark.parametrize(
+    "norm_pix_loss, attention",
+    [(False, "auto"), (True, "auto"), (False, "dot_product"), (False, "pallas_tpu")],
+)
+def test_fair_mae_matches_torch(norm_pix_loss, attention):
+    from jax.experimental.pallas import tpu as pltpu
+
     tmodel = torch_reference.FairMAE(
         img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, decoder_embed_dim=32,
         decoder_depth=2, decoder_num_heads=4, norm_pix_loss=norm_pix_loss,
     )  # fmt: skip
     tmodel = torch_reference.randomize_(tmodel, seed=1).eval()
     overrides = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4, norm_pix_loss=norm_pix_loss)
-    compare(tmodel, "mae_vit_base", overrides)
+    with pltpu.force_tpu_interpret_mode() if attention == "pallas_tpu" else contextlib.nullcontext():
+        compare(tmodel, "mae_vit_base", dict(overrides, attention=attention))
 
 
 def test_crate_mae_tiny_preset_shapes_at_224():

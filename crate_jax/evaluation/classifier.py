@@ -163,7 +163,7 @@ def from_autoencoder(
         )
         tokens = dict(cls_token=mae.cls_token, position_table=mae.position_table)
     else:
-        arch, layer_kwargs = "vit", dict(mlp_ratio=mae.mlp_ratio)
+        arch, layer_kwargs = "vit", dict(mlp_ratio=mae.mlp_ratio, attention=mae.attention)
     pool = "mean" if pool == "cls" and not tokens["cls_token"] else pool
     return Classifier(
         arch=arch,

@@ -7,13 +7,13 @@ P head dim.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crate_jax.models import attention
 from crate_jax.models.layers import (
     ACT_BATCH,
     ACT_EMBED,
@@ -48,62 +48,27 @@ def constrain(x: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(x, (ACT_BATCH, ACT_LENGTH, ACT_EMBED))
 
 
-def _softmax_attention(u_BxKxNxP: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
-    """softmax(u uᵀ · scale) in fp32 and its product with u, heads-major."""
-    logits = jnp.einsum("bknp,bkmp->bknm", u_BxKxNxP, u_BxKxNxP, preferred_element_type=jnp.float32)
-    attn_BxKxNxN = jax.nn.softmax(logits * scale, axis=-1)
-    out_BxKxNxP = jnp.einsum("bknm,bkmp->bknp", attn_BxKxNxN.astype(u_BxKxNxP.dtype), u_BxKxNxP)
-    return out_BxKxNxP, attn_BxKxNxN
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def subspace_attention(u_BxKxNxP: jax.Array, scale: float) -> jax.Array:
-    """softmax(u uᵀ · scale) u per head, with q = k = v = u.
-
-    The gradient uses the symmetry of u uᵀ: the two products that autodiff would form
-    for the logits' operands, G u and Gᵀ u, become one, (G + Gᵀ) u."""
-    return _softmax_attention(u_BxKxNxP, scale)[0]
-
-
-def _subspace_attention_fwd(u_BxKxNxP, scale):
-    out, attn = _softmax_attention(u_BxKxNxP, scale)
-    return out, (u_BxKxNxP, attn)
-
-
-def _subspace_attention_bwd(scale, residuals, g_BxKxNxP):
-    u, attn = residuals
-    g_attn = jnp.einsum("bknp,bkmp->bknm", g_BxKxNxP, u, preferred_element_type=jnp.float32)
-    g_logits = attn * (g_attn - jnp.sum(g_attn * attn, axis=-1, keepdims=True)) * scale
-    g_sym = (g_logits + jnp.swapaxes(g_logits, -1, -2)).astype(u.dtype)
-    g_u = jnp.einsum("bknm,bknp->bkmp", attn.astype(u.dtype), g_BxKxNxP) + jnp.einsum("bknm,bkmp->bknp", g_sym, u)
-    return (g_u,)
-
-
-subspace_attention.defvjp(_subspace_attention_fwd, _subspace_attention_bwd)
-
-
-ATTENTION_IMPLS = ("symmetric", "autodiff", "dot_product")
+# Re-exported: the attention implementations live in their own file.
+ATTENTION_IMPLS = attention.MSSA_IMPLS
+subspace_attention = attention.subspace_attention
+_softmax_attention = attention._softmax_attention
 
 
 class MSSA(nn.Module):
     """Multi-head subspace self-attention: one bias-free projection U gives q = k = v.
 
     Returns (output, attention probabilities BxKxNxN, projected features BxNxD). `attention`
-    picks the implementation of softmax(u uᵀ / √p) u, all the same function:
-      "symmetric"    heads-major (B, K, N, P) with the symmetric gradient of
-                     `subspace_attention` (fastest on XLA:CPU: 9.9 ms vs 13.1 / 18.9 ms for
-                     the other two, one Base layer's forward + backward at batch 4);
-      "autodiff"     the same forward, gradient by autodiff;
-      "dot_product"  `jax.nn.dot_product_attention(u, u, u)` in (B, N, K, P): XLA's
-                     implementation, or cuDNN's fused kernel where JAX picks it (GPUs).
-    The probabilities are only materialised for analysis (capture=True).
+    picks the implementation of softmax(u uᵀ / √p) u, all the same function
+    (`crate_jax/models/attention.py`): auto (the default: by platform and dtype, `attention.AUTO`),
+    symmetric, autodiff, dot_product (XLA), cudnn (fused, GPUs, bf16/fp16), pallas_tpu (fused).
+    The probabilities are only materialised for analysis (capture=True): unused, XLA drops them.
     """
 
     width: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    attention: str = "symmetric"
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -119,23 +84,15 @@ class MSSA(nn.Module):
             kernel_init=nn.with_logical_partitioning(xavier_uniform, (EMBED, HEADS)),
             name="qkv",
         )(x_BxNxD)
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"model.attention={self.attention!r} is not one of {ATTENTION_IMPLS}")
+        implementation = attention.resolve(self.attention, self.dtype, "mssa")
         b, n, _ = u_BxNxD.shape
-        u_BxNxKxP = u_BxNxD.reshape(b, n, self.num_heads, head_dim)
-        u_BxKxNxP = nn.with_logical_constraint(
-            u_BxNxKxP.transpose(0, 2, 1, 3), (ACT_BATCH, ACT_HEADS, ACT_LENGTH, None)
+        u_BxNxKxP = nn.with_logical_constraint(
+            u_BxNxD.reshape(b, n, self.num_heads, head_dim), (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)
         )
         scale = head_dim**-0.5
-        if self.attention == "dot_product":
-            u_BxNxKxP = nn.with_logical_constraint(u_BxNxKxP, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
-            out_BxNxD = jax.nn.dot_product_attention(u_BxNxKxP, u_BxNxKxP, u_BxNxKxP, scale=scale)
-            out_BxNxD = out_BxNxD.reshape(b, n, self.width)
-        else:
-            attend = subspace_attention if self.attention == "symmetric" else lambda u, s: _softmax_attention(u, s)[0]
-            out_BxNxD = attend(u_BxKxNxP, scale).transpose(0, 2, 1, 3).reshape(b, n, self.width)
+        out_BxNxD = attention.mssa(u_BxNxKxP, scale, implementation).reshape(b, n, self.width)
         # Only for analysis (capture=True); unused, XLA drops it.
-        attn_BxKxNxN = jax.lax.stop_gradient(_softmax_attention(u_BxKxNxP, scale)[1])
+        attn_BxKxNxN = jax.lax.stop_gradient(_softmax_attention(attention.heads_major(u_BxNxKxP), scale)[1])
         if self.num_heads > 1:  # the release uses the identity when K = 1
             out_BxNxD = nn.Dense(
                 self.width,
@@ -225,7 +182,7 @@ class EncoderLayer(nn.Module):
     ista_step: float = 0.1
     ista_lambda: float = 0.5
     ista_fused: bool = True
-    attention: str = "symmetric"  # MSSA's implementation (ATTENTION_IMPLS)
+    attention: str = "auto"  # MSSA's implementation (ATTENTION_IMPLS)
     capture: bool = False
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
@@ -259,7 +216,7 @@ class DecoderLayer(nn.Module):
 
     width: int
     num_heads: int
-    attention: str = "symmetric"  # MSSA's implementation (ATTENTION_IMPLS)
+    attention: str = "auto"  # MSSA's implementation (ATTENTION_IMPLS)
     capture: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32

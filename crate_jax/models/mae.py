@@ -258,7 +258,7 @@ class CrateMAE(_MAEBase):
     ista_lambda: float = 0.5
     ista_fused: bool = True
     encoder_tokens: str = "all"
-    attention: str = "symmetric"  # MSSA's implementation: symmetric | autodiff | dot_product
+    attention: str = "auto"  # MSSA's implementation (models.attention.MSSA_IMPLS)
     cls_token: bool = True
     mask_token_space: str = "embedding"  # embedding | pixel | zeros
     position_table: str = "sincos"  # sincos | learned
@@ -359,6 +359,7 @@ class ViTMAE(_MAEBase):
 
     decoder_width: int = 512
     mlp_ratio: float = 4.0
+    attention: str = "auto"  # the attention's implementation (models.attention.VIT_IMPLS)
 
     @nn.compact
     def __call__(
@@ -380,7 +381,7 @@ class ViTMAE(_MAEBase):
         x = jnp.take_along_axis(x + pos[1:], ids_keep[..., None], axis=1)
         cls = jnp.broadcast_to(self._token("cls_token", self.width).astype(x.dtype) + pos[:1], (batch, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
-        block = dict(mlp_ratio=self.mlp_ratio)
+        block = dict(mlp_ratio=self.mlp_ratio, attention=self.attention)
         z, enc_aux = self._stack(
             ViTBlock, dict(block, width=self.width, num_heads=self.num_heads), self.depth, capture, "encoder"
         )(x)

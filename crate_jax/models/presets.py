@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax.models.crate import ATTENTION_IMPLS
+from crate_jax.models.attention import MSSA_IMPLS, VIT_IMPLS
 from crate_jax.models.mae import LOSS_PATCHES, CrateMAE, ViTMAE, check_crate_options
 from crate_jax.models.stack import check_remat
 
@@ -68,7 +68,7 @@ CRATE_OVERRIDES = COMMON_OVERRIDES + (
     "ista_step", "ista_lambda", "ista_fused", "encoder_tokens", "attention",
     "cls_token", "mask_token_space", "position_table", "subtract_position_table",
 )  # fmt: skip
-VIT_OVERRIDES = COMMON_OVERRIDES + ("decoder_width", "mlp_ratio")
+VIT_OVERRIDES = COMMON_OVERRIDES + ("decoder_width", "mlp_ratio", "attention")
 
 
 def _dtype(value: Any, key: str) -> Any:
@@ -108,8 +108,9 @@ def model_fields(name: str, **overrides) -> tuple[type, dict[str, Any]]:
         )
     if cls is CrateMAE:
         check_crate_options(fields)
-    if fields.get("attention", "symmetric") not in ATTENTION_IMPLS:
-        raise ValueError(f"model.attention={fields['attention']!r} is not one of {ATTENTION_IMPLS}")
+    impls = MSSA_IMPLS if cls is CrateMAE else VIT_IMPLS
+    if fields.get("attention", "auto") not in impls:
+        raise ValueError(f"model.attention={fields['attention']!r} is not one of {impls} for {name}")
     if fields.get("loss_patches", "masked") not in LOSS_PATCHES:
         raise ValueError(f"model.loss_patches={fields['loss_patches']!r} is not one of {LOSS_PATCHES}")
     if not 0.0 <= fields["mask_ratio"] < 1.0:

@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crate_jax.models import attention as attention_impls
 from crate_jax.models.crate import constrain, drop_path, layer_norm
 from crate_jax.models.layers import ACT_BATCH, ACT_HEADS, ACT_LENGTH, EMBED, HEADS, MLP, xavier_uniform
 
@@ -29,12 +30,19 @@ def dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str) -
 
 class Attention(nn.Module):
     """Multi-head self-attention. PyTorch's fused `qkv` Linear is split into three Dense
-    layers here so each can be sharded over heads; the importer splits the weight."""
+    layers here so each can be sharded over heads; the importer splits the weight.
+
+    `attention` picks the implementation (`crate_jax/models/attention.py`, `VIT_IMPLS`):
+    "autodiff" is the released written-out form; XLA's "dot_product" and the fused ones
+    ("cudnn", "pallas_tpu") compute the same function without returning probabilities, so
+    the probabilities are recomputed beside them for capture=True (unused otherwise: XLA
+    drops them)."""
 
     width: int
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -49,9 +57,13 @@ class Attention(nn.Module):
             return nn.with_logical_constraint(y, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
 
         q, k, v = project("query"), project("key"), project("value")
-        logits = jnp.einsum("bqkp,bskp->bkqs", q * head_dim**-0.5, k)
-        attn_BxKxNxN = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        out = jnp.einsum("bkqs,bskp->bqkp", attn_BxKxNxN.astype(self.dtype), v).reshape(b, n, self.width)
+        implementation = attention_impls.resolve(self.attention, self.dtype, "vit")
+        scale = head_dim**-0.5
+        out, attn_BxKxNxN = attention_impls.written_out(q, k, v, scale, self.dtype)
+        if implementation != "autodiff":
+            out = attention_impls.attend(q, k, v, scale, implementation, self.dtype)
+            attn_BxKxNxN = jax.lax.stop_gradient(attn_BxKxNxN)  # for capture only; unused, XLA drops it
+        out = out.reshape(b, n, self.width)
         out = dense(self.width, (HEADS, EMBED), self.dtype, self.param_dtype, "proj")(out)
         return out, attn_BxKxNxN
 
@@ -60,6 +72,7 @@ class ViTBlock(nn.Module):
     width: int
     num_heads: int
     mlp_ratio: float = 4.0
+    attention: str = "auto"  # the attention's implementation (models.attention.VIT_IMPLS)
     capture: bool = False
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
@@ -75,9 +88,8 @@ class ViTBlock(nn.Module):
                 return branch
             return drop_path(branch, drop_path_rate, self.make_rng("dropout"))
 
-        attn_out, attn = Attention(self.width, self.num_heads, self.dtype, self.param_dtype, name="attn")(
-            ln("norm1")(x_BxNxD)
-        )
+        attention = Attention(self.width, self.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")
+        attn_out, attn = attention(ln("norm1")(x_BxNxD))
         x_BxNxD = x_BxNxD + residual(attn_out)
         hidden = int(self.width * self.mlp_ratio)
         h = dense(hidden, (EMBED, MLP), self.dtype, self.param_dtype, "fc1")(ln("norm2")(x_BxNxD))

@@ -9,8 +9,15 @@ builds it (the task's step from `crate_jax/pretrain.py`, `step.abstract_state_fr
 with the state's shardings and the state donated) on a mesh from `config.mesh` over the
 abstract devices of the topology (`jax.experimental.topologies`); nothing is read or allocated.
 Prints per-chip memory against the chip's HBM, FLOPs per step, the collectives in the compiled
-program and the step time the chip's bf16 peak would allow. A config that does not fit exits 1
-with the compiler's message.
+program, the step time the chip's bf16 peak would allow, and a roofline step time: the larger of
+FLOPs / bf16 peak and bytes accessed / HBM bandwidth, per chip, from the compiled program. A
+config that does not fit exits 1 with the compiler's message. `--dump_hlo=PATH` writes the
+optimised HLO.
+
+XLA's cost analysis sees a Pallas kernel (a `tpu_custom_call`) as almost free, so the FLOPs and
+HBM bytes of the fused attention kernels are counted analytically (`fused_attention_cost`) and
+added to the compiled program's. It also counts a scanned loop body once: the roofline is
+complete only for unrolled layers (`--config.model.scan_layers=False`); the report says which.
 
 FLOPs: XLA's cost analysis counts a scanned layer stack's loop body once, so the FLOPs per
 step are counted on the same step traced with the layers unrolled and without remat (the
@@ -40,7 +47,8 @@ from etils import epath  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from crate_jax import sharding, step, train  # noqa: E402
+from crate_jax import models, sharding, step, train  # noqa: E402
+from crate_jax.models import attention  # noqa: E402
 from crate_jax.tools import topologies  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -99,6 +107,45 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     return {kind: counts.get(kind, 0) for kind in COLLECTIVES}
 
 
+def attention_calls(config) -> list[tuple[int, int, int, str]]:
+    """Every attention call of one forward pass: (tokens, heads, head dim, model kind), with its
+    implementation resolved for a TPU."""
+    overrides = {k: v for k, v in config.model.items() if k != "name"}
+    model = models.build(config.model.name, **overrides)
+    patches = model.num_patches
+    visible = 1 + int(patches * (1 - model.mask_ratio))
+    if isinstance(model, models.CrateMAE):
+        n_enc = patches + 1 if model.encoder_tokens == "all" else visible
+        dec_heads = model.decoder_num_heads or model.num_heads
+        return [(n_enc, model.num_heads, model.width // model.num_heads, "mssa")] * model.depth + [
+            (patches + 1, dec_heads, model.width // dec_heads, "mssa")
+        ] * model.decoder_depth
+    return [(visible, model.num_heads, model.width // model.num_heads, "vit")] * model.depth + [
+        (patches + 1, model.decoder_num_heads, model.decoder_width // model.decoder_num_heads, "vit")
+    ] * model.decoder_depth
+
+
+def fused_attention_cost(config, mesh) -> dict:
+    """FLOPs and HBM bytes per chip that XLA's cost analysis leaves out of the Pallas attention
+    kernels in one train step: the backward kernels (the forward kernel carries a cost
+    estimate XLA counts), analytically at the padded token count. Zero without Pallas kernels."""
+    batch_shards = mesh.shape["slices"] * mesh.shape["data"] * mesh.shape["fsdp"]
+    batch = config.batch_size // batch_shards
+    itemsize = jnp.dtype(config.model.dtype).itemsize
+    flops = bytes_ = 0.0
+    impls = set()
+    for tokens, heads, head_dim, kind in attention_calls(config):
+        impl = attention.resolve(config.model.attention, config.model.dtype, kind, on="tpu")
+        impls.add(impl)
+        if impl not in ("pallas_tpu",):
+            continue
+        local_heads = max(heads // mesh.shape["tensor"], 1)
+        # The forward kernel carries a cost estimate that XLA counts; the two backward ones none.
+        flops += attention.fused_flops(batch, local_heads, tokens, head_dim, impl, forward=False)
+        bytes_ += attention.fused_bytes(batch, local_heads, tokens, head_dim, itemsize, impl, forward=False)
+    return {"attention": sorted(impls), "flops_per_chip": flops, "bytes_per_chip": bytes_}
+
+
 def _memory(compiled, hbm_bytes: int) -> dict[str, float]:
     m = compiled.memory_analysis()
     arguments, outputs = m.argument_size_in_bytes, m.output_size_in_bytes
@@ -128,7 +175,7 @@ def model_flops_per_step(config) -> float:
     return float(lowered.cost_analysis()["flops"])
 
 
-def analyze(config, topology: topologies.Topology, count_flops: bool = True) -> dict:
+def analyze(config, topology: topologies.Topology, count_flops: bool = True, dump_hlo: str | None = None) -> dict:
     """Compile the train step for `topology`; raise DoesNotFit with the compiler's message."""
     config = config.copy_and_resolve_references()
     if config.task not in TASKS:
@@ -157,9 +204,18 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True) -> 
     if isinstance(cost, list):  # older JAX: one dict per program
         cost = cost[0]
     compiled_flops = float(cost.get("flops", 0.0))
+    compiled_bytes = float(cost.get("bytes accessed", 0.0))
     flops = model_flops_per_step(config) if count_flops else compiled_flops * len(devices)
     step_s = flops / (len(devices) * chip.peak_bf16_flops)
     params = sum(x.size for x in jax.tree.leaves(abstract.params))
+    hlo = compiled.as_text()
+    if dump_hlo:
+        epath.Path(dump_hlo).write_text(hlo)
+    fused = fused_attention_cost(config, mesh)
+    fused["kernel_calls_in_hlo"] = hlo.count('custom_call_target="tpu_custom_call"')
+    roofline_flops = compiled_flops + fused["flops_per_chip"]
+    roofline_bytes = compiled_bytes + fused["bytes_per_chip"]
+    compute_s, memory_s = roofline_flops / chip.peak_bf16_flops, roofline_bytes / chip.hbm_bytes_per_s
     return {
         "topology": topology.accelerator_type,
         "topology_name": topology.topology_name,
@@ -182,14 +238,27 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True) -> 
         "peak_flops_per_chip": chip.peak_bf16_flops,
         "step_time_at_peak_s": step_s,
         "images_per_sec_at_peak": config.batch_size / step_s if step_s else None,
-        "collectives": count_collectives(compiled.as_text()),
+        "collectives": count_collectives(hlo),
         "compile_s": compile_s,
+        "compiled_bytes_accessed_per_chip": compiled_bytes,
+        "fused_attention": fused,
+        "roofline": {
+            "flops_per_chip": roofline_flops,
+            "bytes_per_chip": roofline_bytes,
+            "hbm_bytes_per_s": chip.hbm_bytes_per_s,
+            "compute_s": compute_s,
+            "memory_s": memory_s,
+            "step_s": max(compute_s, memory_s),
+            "bound": "memory" if memory_s > compute_s else "compute",
+            # XLA's cost analysis counts a loop body once: complete only for unrolled layers.
+            "complete": not config.model.scan_layers and config.grad_accum_steps == 1,
+        },
     }
 
 
 def format_report(r: dict) -> str:
     gib = 1024**3
-    m = r["memory_per_chip"]
+    m, rl = r["memory_per_chip"], r["roofline"]
     spare = f"fits, {(m['hbm_bytes'] - m['total_bytes']) / gib:.2f} GiB spare" if m["fits"] else "DOES NOT FIT"
     return "\n".join(
         [
@@ -204,6 +273,12 @@ def format_report(r: dict) -> str:
             f"  step time at the bf16 peak ({r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s per chip): "
             f"{r['step_time_at_peak_s'] * 1e3:.3g} ms ({r['images_per_sec_at_peak']:.0f} images/s)",
             "  collectives in the compiled program: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
+            f"  attention {'/'.join(r['fused_attention']['attention'])}: {r['fused_attention']['kernel_calls_in_hlo']} "
+            f"Pallas kernel calls in the HLO, counted analytically as {r['fused_attention']['flops_per_chip']:.4g} "
+            f"FLOPs and {r['fused_attention']['bytes_per_chip'] / 1e9:.3g} GB per chip",
+            f"  roofline per chip: {rl['flops_per_chip']:.4g} FLOPs, {rl['bytes_per_chip'] / 1e9:.3g} GB accessed "
+            f"({rl['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM) -> step {rl['step_s'] * 1e3:.3g} ms, {rl['bound']}-bound"
+            + ("" if rl["complete"] else " (scanned layers: loop bodies counted once, a lower bound)"),
             f"  compiled in {r['compile_s']:.1f} s",
         ]
     )
@@ -217,7 +292,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     topology = topologies.parse(FLAGS.topology, FLAGS.num_slices)
     try:
-        report = analyze(FLAGS.config, topology, count_flops=FLAGS.count_flops)
+        report = analyze(FLAGS.config, topology, count_flops=FLAGS.count_flops, dump_hlo=FLAGS.dump_hlo)
     except DoesNotFit as e:
         print(
             f"does not fit {topology.accelerator_type} ({topology.chip.hbm_bytes / 1024**3:.0f} GiB HBM per chip):\n{e}"
@@ -243,6 +318,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_slices", 1, "Number of slices (multislice over DCN).")
     flags.DEFINE_string("out", None, "Write the report as JSON here (local or gs://).")
     flags.DEFINE_bool("count_flops", True, "Count FLOPs on an unrolled trace (slower for deep models).")
+    flags.DEFINE_string("dump_hlo", None, "Write the optimised HLO of the compiled step here (local or gs://).")
     flags.mark_flags_as_required(["config", "topology"])
 
 

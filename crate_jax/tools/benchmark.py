@@ -13,14 +13,25 @@ timed steps, each blocked on), compile time, the compiled memory analysis, FLOPs
 run (a large jnp matmul, best of several).
 
 A variant is the config as given ("default") or `+`-joined overrides of its model, e.g.
-`visible+bf16` (names in `VARIANTS`). `--torch` adds the PyTorch eager reference (the
-released CRATE-MAE or FAIR's MAE from `--torch_module`, default `tests.torch_reference`,
-importable from the repository root) trained with AdamW at the same batch and resolution.
+`visible+bf16` (names in `VARIANTS`). `--torch` adds the PyTorch baselines of the released
+models (`crate_jax/tools/torch_baselines.py`: `torch_eager`, `torch_sdpa`, `torch_compile`; the
+models from `--torch_module`, default `tests.torch_reference`, importable from the repository
+root), each in a fresh process, trained with AdamW at the same batch and resolution on the same
+device (CUDA with bf16 autocast and fused AdamW when JAX runs on a GPU).
+
+MFU: `model_flops_per_step` counts each model's released computation (CRATE-MAE: its encoder's
+tokens, ISTA as the release's three products; flops.py) for every row alike, divided by the
+step time and `peak_flops`: the device's spec dense bf16 peak on GPUs and TPUs
+(`SPEC_BF16_PEAK`, named in `peak_flops_source`), the measured fp32 matmul rate on CPU.
+`measured_matmul_peak_flops` is a large matmul timed here (bf16 8192³ on accelerators, fp32
+2048³ on CPU). `peak_memory_bytes`: the compiled step's arguments + outputs + temporaries per
+device for JAX, `torch.cuda.max_memory_allocated` (or the process's peak RSS on CPU) for PyTorch.
+`--profile=DIR` traces a few steps of each variant (a TensorBoard / Perfetto trace in DIR) and
+prints the kernels that took the most time.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -55,10 +66,39 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "remat_dots_all": {"remat": "dots_all"},
     "ista_fused": {"ista_fused": True},
     "ista_unfused": {"ista_fused": False},
+    "attn_auto": {"attention": "auto"},
     "attn_symmetric": {"attention": "symmetric"},
     "attn_autodiff": {"attention": "autodiff"},
     "attn_dot_product": {"attention": "dot_product"},
+    "attn_cudnn": {"attention": "cudnn"},
+    "attn_pallas_tpu": {"attention": "pallas_tpu"},
 }
+
+# Dense bf16 peak per chip from the vendors' data sheets, by a substring of JAX's device_kind
+# (first match wins). TPUs: tools/topologies.py's figures.
+SPEC_BF16_PEAK = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+)
+
+
+def spec_peak_flops(device_kind: str) -> float | None:
+    for name, peak in SPEC_BF16_PEAK:
+        if name in device_kind:
+            return peak
+    return None
+
 
 PEAK_SIZE = 2048  # the matmul that measures the machine's fp32 rate
 FLOPS_COUNTING = (
@@ -88,13 +128,13 @@ def _best_time(fn, repeats: int) -> float:
     return best
 
 
-def measure_peak_flops(size: int = PEAK_SIZE, repeats: int = 8) -> float:
-    """Best fp32 FLOP/s of a size x size matmul: on one device (all its threads) and, with
+def measure_peak_flops(size: int = PEAK_SIZE, repeats: int = 8, dtype=jnp.float32) -> float:
+    """Best FLOP/s of a size x size matmul: on one device (all its threads) and, with
     several local devices, one matmul per device at once; the larger of the two."""
     key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (size, size), jnp.float32)
-    b = jax.random.normal(key_b, (size, size), jnp.float32)
-    with jax.default_matmul_precision("highest"):
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = jax.random.normal(key_b, (size, size), dtype)
+    with jax.default_matmul_precision("highest" if dtype == jnp.float32 else "default"):
         matmul = jax.jit(lambda x, y: x @ y)
         matmul(a, b).block_until_ready()
         rates = [2 * size**3 / _best_time(lambda: matmul(a, b), repeats)]
@@ -108,6 +148,21 @@ def measure_peak_flops(size: int = PEAK_SIZE, repeats: int = 8) -> float:
             batched(sa, sb).block_until_ready()
             rates.append(len(devices) * 2 * size**3 / _best_time(lambda: batched(sa, sb), repeats))
     return max(rates)
+
+
+def device_peaks() -> dict[str, Any]:
+    """The MFU denominator and the matmul rate measured here: on accelerators the spec bf16
+    peak and a bf16 8192³ matmul; on CPU the measured fp32 2048³ matmul for both."""
+    kind = jax.devices()[0].device_kind
+    if jax.default_backend() == "cpu":
+        measured = measure_peak_flops()
+        return {"peak_flops": measured, "peak_flops_source": "measured fp32 matmul (CPU)", "measured": measured}
+    measured = measure_peak_flops(8192, dtype=jnp.bfloat16)
+    spec = spec_peak_flops(kind)
+    if spec is None:
+        logging.warning("no spec bf16 peak for %r: MFU against the measured bf16 matmul", kind)
+        return {"peak_flops": measured, "peak_flops_source": f"measured bf16 matmul ({kind})", "measured": measured}
+    return {"peak_flops": spec, "peak_flops_source": f"spec dense bf16 ({kind})", "measured": measured}
 
 
 def _model_overrides(model_config, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -173,10 +228,22 @@ def _train_step(config, model, init: bool = True):
     return jitted, state, mesh, rules
 
 
-def measure_variant(config, variant: str, *, steps: int, warmup: int, peak_flops: float) -> dict[str, Any]:
+def released_flops(model):
+    """The FLOP count of a model's released computation (MFU's numerator for every row): for
+    CRATE-MAE its own encoder tokens with ISTA as the release's three products."""
+    from crate_jax import models
+    from crate_jax.tools import flops
+
+    return flops.for_model(model.clone(ista_fused=False) if isinstance(model, models.CrateMAE) else model)
+
+
+def measure_variant(
+    config, variant: str, *, steps: int, warmup: int, peak_flops: float, profile_dir: str | None = None
+) -> dict[str, Any]:
     import flax.linen as nn
 
     from crate_jax import models
+    from crate_jax.models import attention
     from crate_jax.tools import flops
 
     overrides = _model_overrides(config.model, variant_overrides(variant))
@@ -199,6 +266,11 @@ def measure_variant(config, variant: str, *, steps: int, warmup: int, peak_flops
                 cpu_times.append(time.process_time() - c0)
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - usage.ru_minflt)
         loss = float(metrics["loss"])
+        top_kernels = None
+        if profile_dir:
+            state, top_kernels = profile_steps(lambda s: compiled(s, batch), state, f"{profile_dir}/{variant}")
+        kind = "mssa" if isinstance(model, models.CrateMAE) else "vit"
+        resolved = attention.resolve(model.attention, model.dtype, kind)
     xla_unrolled = None
     if model.scan_layers:  # XLA counts a scanned loop's body once: count the unrolled twin
         twin = models.build(config.model.name, **dict(overrides, scan_layers=False))
@@ -210,9 +282,12 @@ def measure_variant(config, variant: str, *, steps: int, warmup: int, peak_flops
     step_s = statistics.median(times)
     batch_size = config.batch_size
     flops_per_step = count.train_step(batch_size)
+    model_flops = released_flops(model).train_step(batch_size)
     xla_flops = _xla_flops(compiled.cost_analysis()) * mesh.size
+    memory = _memory(compiled)
     return {
         "variant": variant,
+        "attention": resolved,
         "model": config.model.name,
         "batch_size": batch_size,
         "image_size": model.image_size,
@@ -229,7 +304,8 @@ def measure_variant(config, variant: str, *, steps: int, warmup: int, peak_flops
         "step_times_s": times,
         "cpu_s_per_step": statistics.median(cpu_times),  # process CPU time: all threads
         "page_faults_per_step": statistics.median(faults),
-        "mfu": flops_per_step / step_s / peak_flops,
+        "model_flops_per_step": model_flops,
+        "mfu": model_flops / step_s / peak_flops,
         "peak_flops": peak_flops,
         "flops_per_image": flops_per_step / batch_size,
         "flops_per_step": flops_per_step,
@@ -238,138 +314,110 @@ def measure_variant(config, variant: str, *, steps: int, warmup: int, peak_flops
         "xla_flops_per_step_unrolled": xla_unrolled,
         "compile_s": compile_s,
         "lower_s": lower_s,
-        "memory_per_device": _memory(compiled),
+        "memory_per_device": memory,
+        "peak_memory_bytes": memory.get("peak_bytes_estimate"),
+        "peak_memory_source": "compiled step: arguments + outputs + temporaries - aliased, per device",
+        "device_peak_bytes_in_use": _device_peak_bytes(),  # the process's peak so far (all variants)
+        "top_kernels": top_kernels,
         "loss": loss,
     }
 
 
-def measure_torch(config, module_name: str, *, steps: int, warmup: int, peak_flops: float) -> dict[str, Any]:
-    """AdamW steps of the PyTorch eager reference at the config's batch and resolution."""
-    import torch
-
-    from crate_jax import models
-    from crate_jax.tools import flops
-
-    ref = importlib.import_module(module_name)
-    torch.set_num_threads(os.cpu_count() or 1)
-    # XLA:CPU flushes denormals to zero; so does PyTorch with this (CRATE's q = k = v attention
-    # puts many denormals into the softmax, which otherwise slow PyTorch down up to 10x).
-    flush_denormal = torch.set_flush_denormal(True)
-    torch.manual_seed(0)
-    model = models.build(config.model.name, **_model_overrides(config.model, {}))
-    if jnp.dtype(model.dtype) != jnp.float32:
-        logging.warning("the PyTorch reference runs in fp32 (config.model.dtype=%s)", config.model.dtype)
-    if isinstance(model, models.CrateMAE):
-        if model.decoder_num_heads != model.num_heads:
-            raise ValueError("the PyTorch CrateMAE has one head count for encoder and decoder")
-        tmodel = ref.CrateMAE(
-            img_size=model.image_size,
-            patch_size=model.patch_size,
-            dim=model.width,
-            depth=model.depth,
-            heads=model.num_heads,
-            decoder_depth=model.decoder_depth,
-            ista_step=model.ista_step,
-            ista_lambda=model.ista_lambda,
-            norm_pix_loss=model.norm_pix_loss,
-        )
-        # The release: every token through the encoder, ISTA as three products.
-        count = flops.for_model(model.clone(encoder_tokens="all", ista_fused=False))
-    else:
-        tmodel = ref.FairMAE(
-            img_size=model.image_size,
-            patch_size=model.patch_size,
-            embed_dim=model.width,
-            depth=model.depth,
-            num_heads=model.num_heads,
-            decoder_embed_dim=model.decoder_width,
-            decoder_depth=model.decoder_depth,
-            decoder_num_heads=model.decoder_num_heads,
-            mlp_ratio=model.mlp_ratio,
-            norm_pix_loss=model.norm_pix_loss,
-        )
-        count = flops.for_model(model)
-    params = [p for p in tmodel.parameters() if p.requires_grad]
-    decay = [p for n, p in tmodel.named_parameters() if p.requires_grad and p.ndim >= 2 and "token" not in n]
-    no_decay = [p for p in params if all(p is not q for q in decay)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=1e-4,
-        betas=(config.optim.b1, config.optim.b2),
-        eps=config.optim.eps,
-    )
-    batch = config.batch_size
-    images = torch.randn(batch, 3, model.image_size, model.image_size)
-    times, cpu_times, faults = [], [], []
-    for i in range(warmup + steps):
-        usage, t0, c0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), time.process_time()
-        noise = torch.rand(batch, model.num_patches)
-        loss = tmodel(images, noise, mask_ratio=model.mask_ratio)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            cpu_times.append(time.process_time() - c0)
-            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - usage.ru_minflt)
-    step_s = statistics.median(times)
-    flops_per_step = count.train_step(batch)
-    return {
-        "variant": "torch_eager",
-        "model": config.model.name,
-        "batch_size": batch,
-        "image_size": model.image_size,
-        "patch_size": model.patch_size,
-        "dtype": "float32",
-        "encoder_tokens": "all" if isinstance(model, models.CrateMAE) else "visible",
-        "ista_fused": False if isinstance(model, models.CrateMAE) else None,
-        "ista_form": count.ista_form(batch),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "torch_flush_denormal": flush_denormal,
-        "images_per_sec": batch / step_s,
-        "step_s": step_s,
-        "step_times_s": times,
-        "cpu_s_per_step": statistics.median(cpu_times),
-        "page_faults_per_step": statistics.median(faults),
-        "mfu": flops_per_step / step_s / peak_flops,
-        "peak_flops": peak_flops,
-        "torch_peak_flops": _torch_peak_flops(torch),
-        "flops_per_image": flops_per_step / batch,
-        "flops_per_step": flops_per_step,
-        "loss": loss.item(),
-    }
+def _device_peak_bytes() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return float(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
 
 
-def measure_torch_subprocess(config, module_name: str, **kwargs) -> dict[str, Any]:
-    """`measure_torch` in a fresh process: PyTorch gets the allocator and threads it has by
-    default, whatever this process did for JAX (`keep_freed_memory` slows PyTorch's
-    allocations down several times over)."""
+def torch_device() -> str:
+    """PyTorch runs where JAX runs: CUDA when JAX's backend is a GPU."""
+    return "cuda" if jax.default_backend() == "gpu" else "cpu"
+
+
+def measure_torch_subprocess(
+    config, module_name: str, variant: str, *, steps: int, warmup: int, peak_flops: float
+) -> dict[str, Any]:
+    """One PyTorch baseline (torch_baselines.TORCH_VARIANTS) in a fresh process: PyTorch gets
+    the allocator and threads it has by default, whatever this process did for JAX
+    (`keep_freed_memory` slows PyTorch's allocations down several times over), and each
+    baseline its own peak memory."""
     import multiprocessing
 
+    from crate_jax import models
+
+    device = torch_device()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure_torch_child, (config.to_json(), module_name, kwargs))
+        row = pool.apply(
+            _measure_torch_child,
+            (config.to_json(), module_name, variant, dict(steps=steps, warmup=warmup, device=device)),
+        )
+    model = models.build(config.model.name, **_model_overrides(config.model, {}))
+    # The release: every token through the CRATE encoder, ISTA as three products.
+    released = released_flops(model.clone(encoder_tokens="all") if isinstance(model, models.CrateMAE) else model)
+    model_flops = released.train_step(config.batch_size)
+    row.update(
+        model_flops_per_step=model_flops,
+        flops_per_step=model_flops,
+        flops_per_image=model_flops / config.batch_size,
+        ista_form=released.ista_form(config.batch_size),
+        mfu=model_flops / row["step_s"] / peak_flops,
+        peak_flops=peak_flops,
+    )
+    return row
 
 
-def _measure_torch_child(config_json: str, module_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _measure_torch_child(config_json: str, module_name: str, variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     import sys
 
     import ml_collections
 
+    from crate_jax.tools import torch_baselines
+
     sys.path.insert(0, os.getcwd())  # the repository root, for `tests.torch_reference`
     config = ml_collections.ConfigDict(json.loads(config_json))
-    return measure_torch(config, module_name, **kwargs)
+    row = torch_baselines.measure(config, module_name, variant, **kwargs)
+    accelerator = kwargs["device"] != "cpu"
+    row["torch_matmul_peak_flops"] = torch_baselines.matmul_peak_flops(
+        kwargs["device"], 8192 if accelerator else PEAK_SIZE, "bfloat16" if accelerator else "float32"
+    )
+    return row
 
 
-def _torch_peak_flops(torch, size: int = PEAK_SIZE, repeats: int = 8) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * size**3 / best
+_HOST_EVENTS = (
+    "ThunkExecutor::Execute",
+    "PjitFunction(jit(step))",
+    "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice",
+)
+
+
+def profile_steps(step_fn, state, log_dir: str, steps: int = 3, top: int = 15):
+    """Run `steps` more steps under the JAX profiler (a trace in `log_dir`, with a Perfetto
+    trace beside it) and sum the trace's op / kernel events by name: the `top` longest."""
+    import glob
+    import gzip
+
+    jax.block_until_ready(state)
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = step_fn(state)
+        jax.block_until_ready((state, metrics))
+    totals: dict[str, float] = {}
+    for path in glob.glob(f"{log_dir}/**/*.trace.json.gz", recursive=True):
+        with gzip.open(path, "rt") as f:
+            trace = json.load(f)
+        events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
+        names = {e["pid"]: e["args"].get("name", "") for e in events if e.get("name") == "process_name"}
+        device = {p for p, n in names.items() if "/device:" in n}
+        for e in events:
+            if e.get("ph") != "X" or "dur" not in e or (device and e.get("pid") not in device):
+                continue
+            if not device and (e["name"].startswith("$") or e["name"].split()[0] in _HOST_EVENTS):
+                continue  # CPU backend: keep XLA's ops, drop Python frames and executor wrappers
+            totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"] * 1e-6 / steps
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    print(f"top {len(ranked)} by time per step in {log_dir}:")
+    for name, secs in ranked:
+        print(f"  {secs * 1e3:10.3f} ms  {name[:100]}")
+    return state, [{"name": n, "s_per_step": t} for n, t in ranked]
 
 
 ENV_VARS = ("XLA_FLAGS", "LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", "JAX_PLATFORMS")
@@ -407,13 +455,15 @@ def format_table(results: list[dict[str, Any]]) -> str:
     if results:
         peak, env = results[0]["peak_flops"], results[0]["environment"]
         lines.append(
-            f"fp32 matmul peak measured here: {peak / 1e9:.1f} GFLOP/s; {env['devices']} {env['backend']} "
+            f"MFU against {peak / 1e12:.4g} TFLOP/s ({results[0]['peak_flops_source']}); matmul measured here "
+            f"{results[0]['measured_matmul_peak_flops'] / 1e12:.4g} TFLOP/s; {env['devices']} {env['backend']} "
             f"device(s); load average {env['load_average'][0]:.1f} -> {env['load_average_end'][0]:.1f}"
         )
     by_name = {r["variant"]: r for r in results}
-    if "default" in by_name and "torch_eager" in by_name:
-        ratio = by_name["default"]["images_per_sec"] / by_name["torch_eager"]["images_per_sec"]
-        lines.append(f"JAX default / PyTorch eager: {ratio:.2f}x")
+    for torch_variant in ("torch_eager", "torch_sdpa", "torch_compile"):
+        if "default" in by_name and torch_variant in by_name:
+            ratio = by_name["default"]["images_per_sec"] / by_name[torch_variant]["images_per_sec"]
+            lines.append(f"JAX default / PyTorch {torch_variant[len('torch_') :]}: {ratio:.2f}x")
     if "visible" in by_name and "default" in by_name and by_name["default"]["encoder_tokens"] == "all":
         ratio = by_name["visible"]["images_per_sec"] / by_name["default"]["images_per_sec"]
         lines.append(f"visible-only / all-token encoder: {ratio:.2f}x")
@@ -421,27 +471,47 @@ def format_table(results: list[dict[str, Any]]) -> str:
 
 
 def run(
-    config, variants: list[str], *, steps: int, warmup: int, torch_module: str | None, kept_freed_memory: bool = False
+    config,
+    variants: list[str],
+    *,
+    steps: int,
+    warmup: int,
+    torch_module: str | None,
+    kept_freed_memory: bool = False,
+    torch_variants: tuple[str, ...] = ("torch_eager",),
+    profile_dir: str | None = None,
 ) -> list[dict[str, Any]]:
+    from crate_jax.tools.torch_baselines import TORCH_VARIANTS
+
     for v in variants:
         variant_overrides(v)  # fail on a typo before compiling anything
+    for v in torch_variants if torch_module else ():
+        if v not in TORCH_VARIANTS:
+            raise ValueError(f"--torch_variants: {v!r} is not one of {TORCH_VARIANTS}")
     if config.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", config.matmul_precision)
     env = environment(kept_freed_memory)
-    peak = measure_peak_flops()
-    logging.info("measured fp32 matmul peak: %.1f GFLOP/s", peak / 1e9)
+    peaks = device_peaks()
+    peak = peaks["peak_flops"]
+    logging.info("MFU against %.4g TFLOP/s (%s)", peak / 1e12, peaks["peak_flops_source"])
     results = []
     for v in variants:
-        results.append(measure_variant(config, v, steps=steps, warmup=warmup, peak_flops=peak))
+        results.append(measure_variant(config, v, steps=steps, warmup=warmup, peak_flops=peak, profile_dir=profile_dir))
         logging.info("%s: %.2f images/s", v, results[-1]["images_per_sec"])
-    if torch_module:
-        results.append(measure_torch_subprocess(config, torch_module, steps=steps, warmup=warmup, peak_flops=peak))
-    # The matmul rate again at the end: the machine may have been busier at the start.
-    peak = max(peak, measure_peak_flops())
+    for v in torch_variants if torch_module else ():
+        results.append(measure_torch_subprocess(config, torch_module, v, steps=steps, warmup=warmup, peak_flops=peak))
+        logging.info("%s: %.2f images/s", v, results[-1]["images_per_sec"])
+    # On CPU the matmul rate again at the end: the machine may have been busier at the start.
+    if jax.default_backend() == "cpu":
+        again = device_peaks()
+        peaks["measured"] = max(peaks["measured"], again["measured"])
+        peak = peaks["peak_flops"] = max(peak, again["peak_flops"])
     env["load_average_end"] = os.getloadavg()
     for r in results:
         r["mfu"] *= r["peak_flops"] / peak
         r["peak_flops"] = peak
+        r["peak_flops_source"] = peaks["peak_flops_source"]
+        r["measured_matmul_peak_flops"] = peaks["measured"]
         r["environment"] = env
     return results
 
@@ -459,6 +529,8 @@ def main(argv):
         warmup=FLAGS.warmup,
         torch_module=FLAGS.torch_module if FLAGS.torch else None,
         kept_freed_memory=kept,
+        torch_variants=tuple(FLAGS.torch_variants),
+        profile_dir=FLAGS.profile or None,
     )
     print(format_table(results))
     if FLAGS.out:
@@ -473,7 +545,13 @@ def define_flags() -> None:
     flags.DEFINE_list("variants", ["default"], "Comma-separated variants; '+' joins overrides (e.g. visible+bf16).")
     flags.DEFINE_integer("steps", 5, "Timed train steps per variant (the median is reported).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-    flags.DEFINE_bool("torch", False, "Also time a PyTorch eager AdamW step of the reference model.")
+    flags.DEFINE_bool("torch", False, "Also time PyTorch AdamW steps of the released models (--torch_variants).")
+    flags.DEFINE_list(
+        "torch_variants",
+        ["torch_eager", "torch_sdpa", "torch_compile"],
+        "PyTorch baselines with --torch: torch_eager (attention written out), torch_sdpa, torch_compile (+ SDPA).",
+    )
+    flags.DEFINE_string("profile", "", "Trace a few steps of each JAX variant into this directory; print top kernels.")
     flags.DEFINE_string("torch_module", "tests.torch_reference", "Module holding the PyTorch CrateMAE / FairMAE.")
     flags.DEFINE_integer("cpu_devices", 0, "On CPU: split the host into this many JAX devices (0: JAX's default).")
     flags.DEFINE_bool(

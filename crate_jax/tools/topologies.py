@@ -5,7 +5,8 @@ Names are the ones `gcloud compute tpus tpu-vm create --accelerator-type` takes:
 TensorCores for v4 and v5p (two per chip, seen by JAX as one "megacore" device) and chips
 for v5e and v6e. An explicit libtpu topology (`v4:4x4x12`, `v5e:8x16`) is accepted too.
 
-Chip figures (Cloud TPU system-architecture pages): HBM per chip and the dense bf16 peak.
+Chip figures (Cloud TPU system-architecture pages): HBM per chip, the dense bf16 peak and the
+HBM bandwidth per chip (v4 1,228 GB/s, v5p 2,765 GB/s, v5e 819 GB/s, v6e 1,640 GB/s).
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ class Chip:
     cores_per_chip_in_name: int  # v4-128 / v5p-128 count TensorCores: 64 chips
     dims: int  # 3-D torus (v4, v5p) or 2-D (v5e, v6e)
     chip_config_name: str  # "megacore": one JAX device per chip
+    hbm_bytes_per_s: float = 0.0  # published HBM bandwidth per chip
 
 
 CHIPS = {
-    "v4": Chip("v4", "v4", 32 * GIB, 275e12, 2, 3, "megacore"),
-    "v5p": Chip("v5p", "v5", 95 * GIB, 459e12, 2, 3, "megacore"),
-    "v5e": Chip("v5e", "v5e", 16 * GIB, 197e12, 1, 2, "default"),
-    "v6e": Chip("v6e", "v6e", 32 * GIB, 918e12, 1, 2, "default"),
+    "v4": Chip("v4", "v4", 32 * GIB, 275e12, 2, 3, "megacore", 1228e9),
+    "v5p": Chip("v5p", "v5", 95 * GIB, 459e12, 2, 3, "megacore", 2765e9),
+    "v5e": Chip("v5e", "v5e", 16 * GIB, 197e12, 1, 2, "default", 819e9),
+    "v6e": Chip("v6e", "v6e", 32 * GIB, 918e12, 1, 2, "default", 1640e9),
 }
 ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e", "v5": "v5p"}
 

@@ -1,0 +1,273 @@
+"""Softmax attention implementations, one function each, and the `auto` table that picks one.
+
+Every implementation computes the same function, softmax(q kᵀ · scale) v per head, with the
+softmax and its statistics in fp32. Layout in and out: (B, N, K, P) (batch, tokens, heads,
+head dim). CRATE's MSSA calls `mssa` (q = k = v = u); the ViT baseline calls `attend`.
+
+  "symmetric"    MSSA only: heads-major einsums with the symmetric gradient of
+                 `subspace_attention` ((G + Gᵀ) u, one product instead of two); materialises
+                 the B×K×N×N probabilities. Fastest on XLA:CPU.
+  "autodiff"     the same einsums, gradient by autodiff (for the ViT: its written-out
+                 attention, as released).
+  "dot_product"  `jax.nn.dot_product_attention(implementation="xla")`.
+  "cudnn"        cuDNN's fused flash attention (`implementation="cudnn"`; CUDA GPUs,
+                 bf16/fp16 only): no B×K×N×N tensor in HBM. Tokens are padded with zeros to a
+                 multiple of `CUDNN_TOKEN_MULTIPLE` and the padded keys masked through
+                 `key_value_seq_lengths` (see `padded_dot_product`).
+  "pallas_tpu"   the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu`),
+                 padded to `PALLAS_TOKEN_MULTIPLE` with padded keys masked by segment ids,
+                 inside `shard_map` over the mesh's batch and head axes (Mosaic kernels are not
+                 partitioned automatically). On CPU it runs under
+                 `pltpu.force_tpu_interpret_mode()` (tests).
+  "auto"         the default: `AUTO` below, by the platform of the mesh the step is traced
+                 under (so an ahead-of-time compile for a TPU topology on a CPU host picks the
+                 TPU entry) and the compute dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from crate_jax.models.layers import ACT_BATCH, ACT_HEADS, ACT_LENGTH
+
+MSSA_IMPLS = ("auto", "symmetric", "autodiff", "dot_product", "cudnn", "pallas_tpu")
+VIT_IMPLS = ("auto", "autodiff", "dot_product", "cudnn", "pallas_tpu")
+ATTENTION_IMPLS = MSSA_IMPLS  # every name some model takes
+
+# cuDNN's flash kernels work in 64/128-token tiles. Padding to whole 128-token tiles means no
+# tile is partly out of range (197 -> 256, the visible-only encoder's 50 -> 128); the cuDNN
+# bugs reported around partial tiles (e.g. pytorch#196678, seq_len % 128 == 64 with a mask)
+# cannot be reached.
+CUDNN_TOKEN_MULTIPLE = 128
+# The Pallas TPU kernel's blocks are 128 tokens (`BlockSizes.get_default`, MIN_BLOCK_SIZE).
+PALLAS_TOKEN_MULTIPLE = 128
+
+# `auto`: (platform, compute dtype) -> implementation, per model. Why each entry:
+#   GPU bf16/fp16: cuDNN's fused kernel; the materialised 197×197 softmax and its backward
+#     were ~40% of the CRATE-MAE-B step on an H200 (shared/docs/stack-notes.md), and the padded
+#     cuDNN step ran 1.55x the default's speed there.
+#   GPU fp32: cuDNN has no fp32 flash kernel; the symmetric form was the fastest XLA path.
+#   TPU: see `tpu_choice` (README, TPU table): chosen from the AOT roofline.
+#   CPU: the symmetric form (9.9 ms vs 13.1 / 18.9 ms for autodiff / dot_product, one Base
+#     layer forward + backward at batch 4); the ViT keeps its released written-out form.
+_HALF = ("bfloat16", "float16")
+AUTO = {
+    "mssa": {"gpu_half": "cudnn", "gpu": "symmetric", "tpu": "pallas_tpu", "cpu": "symmetric"},
+    "vit": {"gpu_half": "cudnn", "gpu": "autodiff", "tpu": "pallas_tpu", "cpu": "autodiff"},
+}
+
+
+def platform() -> str:
+    """The platform the current trace targets: the context mesh's devices (`jax.set_mesh`;
+    abstract TPU devices in an ahead-of-time compile), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None)
+    if device is not None and getattr(device, "platform", None):
+        return device.platform
+    return jax.default_backend()
+
+
+def resolve(implementation: str, dtype, model: str = "mssa", on: str | None = None) -> str:
+    """The implementation `implementation` names; "auto" looked up in `AUTO` for the platform
+    `on` (default: `platform()`) and the compute dtype."""
+    names = MSSA_IMPLS if model == "mssa" else VIT_IMPLS
+    if implementation not in names:
+        raise ValueError(f"model.attention={implementation!r} is not one of {names}")
+    if implementation != "auto":
+        return implementation
+    where = on or platform()
+    where = "gpu" if where in ("gpu", "cuda", "rocm") else where
+    if where == "gpu" and jnp.dtype(dtype).name in _HALF:
+        where = "gpu_half"
+    return AUTO[model].get(where, AUTO[model]["cpu"])
+
+
+def _softmax_attention(u_BxKxNxP: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """softmax(u uᵀ · scale) in fp32 and its product with u, heads-major."""
+    logits = jnp.einsum("bknp,bkmp->bknm", u_BxKxNxP, u_BxKxNxP, preferred_element_type=jnp.float32)
+    attn_BxKxNxN = jax.nn.softmax(logits * scale, axis=-1)
+    out_BxKxNxP = jnp.einsum("bknm,bkmp->bknp", attn_BxKxNxN.astype(u_BxKxNxP.dtype), u_BxKxNxP)
+    return out_BxKxNxP, attn_BxKxNxN
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def subspace_attention(u_BxKxNxP: jax.Array, scale: float) -> jax.Array:
+    """softmax(u uᵀ · scale) u per head, with q = k = v = u.
+
+    The gradient uses the symmetry of u uᵀ: the two products that autodiff would form
+    for the logits' operands, G u and Gᵀ u, become one, (G + Gᵀ) u."""
+    return _softmax_attention(u_BxKxNxP, scale)[0]
+
+
+def _subspace_attention_fwd(u_BxKxNxP, scale):
+    out, attn = _softmax_attention(u_BxKxNxP, scale)
+    return out, (u_BxKxNxP, attn)
+
+
+def _subspace_attention_bwd(scale, residuals, g_BxKxNxP):
+    u, attn = residuals
+    g_attn = jnp.einsum("bknp,bkmp->bknm", g_BxKxNxP, u, preferred_element_type=jnp.float32)
+    g_logits = attn * (g_attn - jnp.sum(g_attn * attn, axis=-1, keepdims=True)) * scale
+    g_sym = (g_logits + jnp.swapaxes(g_logits, -1, -2)).astype(u.dtype)
+    g_u = jnp.einsum("bknm,bknp->bkmp", attn.astype(u.dtype), g_BxKxNxP) + jnp.einsum("bknm,bkmp->bknp", g_sym, u)
+    return (g_u,)
+
+
+subspace_attention.defvjp(_subspace_attention_fwd, _subspace_attention_bwd)
+
+
+def heads_major(x_BxNxKxP: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(x_BxNxKxP.transpose(0, 2, 1, 3), (ACT_BATCH, ACT_HEADS, ACT_LENGTH, None))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _pad_tokens(x_BxNxKxP: jax.Array, tokens: int, axis: int = 1) -> jax.Array:
+    pad = [(0, 0)] * x_BxNxKxP.ndim
+    pad[axis] = (0, tokens - x_BxNxKxP.shape[axis])
+    return jnp.pad(x_BxNxKxP, pad)
+
+
+def padded_dot_product(q, k, v, scale: float, implementation: str, multiple: int = CUDNN_TOKEN_MULTIPLE):
+    """`jax.nn.dot_product_attention` on tokens padded with zeros to a multiple of `multiple`,
+    exact to the unpadded call:
+
+    * only the keys are masked (`key_value_seq_lengths` = N): a padded key's logit becomes
+      a large negative number and its probability exactly 0 in the fp32 softmax;
+    * the padded queries are not masked (query lengths = the padded count, JAX's default):
+      they attend to the real keys, so every output row and every gradient row the kernel
+      writes is defined. A kernel told `query_seq_lengths` = N may leave the padded rows of
+      O, dQ, dK and dV unwritten; harmless only as long as nothing reads them;
+    * the padding is local to this call: pad, attend, slice. No padded row reaches a
+      LayerNorm, a weight gradient or the loss (the slice's transpose feeds zeros back, and
+      a zero output gradient gives padded rows zero contributions to dQ, dK and dV).
+
+    `implementation="xla"` runs the same masking on any backend (the CPU tests)."""
+    b, n = q.shape[:2]
+    tokens = _round_up(n, multiple)
+    if tokens == n:
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    lengths = jnp.full((b,), n, jnp.int32)
+    q, k, v = (_pad_tokens(x, tokens) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=implementation
+    )
+    return out[:, :n]
+
+
+def _cudnn(q, k, v, scale: float):
+    if jnp.dtype(q.dtype).name not in _HALF:
+        raise ValueError(
+            f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused kernel), got {q.dtype}"
+        )
+    if platform() != "gpu":
+        raise ValueError(f"model.attention='cudnn' runs on CUDA GPUs only, not on {platform()!r}")
+    return padded_dot_product(q, k, v, scale, "cudnn")
+
+
+def _flash_local(q_BxKxNxP, k_BxKxNxP, v_BxKxNxP, scale: float):
+    """The Pallas TPU flash kernel on one shard, tokens padded to whole blocks. Padded tokens
+    get segment id 0, real ones 1: real queries see only real keys (padded logits masked to
+    -0.7·max_f32, probability exactly 0), padded queries only padded keys (zeros in, zeros out)."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    b, _, n, _ = q_BxKxNxP.shape
+    tokens = _round_up(n, PALLAS_TOKEN_MULTIPLE)
+    segment_ids = None
+    if tokens != n:
+        q_BxKxNxP, k_BxKxNxP, v_BxKxNxP = (_pad_tokens(x, tokens, 2) for x in (q_BxKxNxP, k_BxKxNxP, v_BxKxNxP))
+        ids = jnp.broadcast_to((jnp.arange(tokens) < n).astype(jnp.int32), (b, tokens))
+        segment_ids = fa.SegmentIds(q=ids, kv=ids)
+    out = fa.flash_attention(q_BxKxNxP, k_BxKxNxP, v_BxKxNxP, segment_ids=segment_ids, sm_scale=scale)
+    return out[:, :, :n]
+
+
+def _pallas_tpu(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float):
+    q, k, v = (heads_major(x) for x in (q_BxNxKxP, k_BxNxKxP, v_BxNxKxP))
+    local = functools.partial(_flash_local, scale=scale)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        out = local(q, k, v)
+    else:
+        # Batch and heads as the activations are sharded; tokens and head dim whole per shard.
+        spec = nn.logical_to_mesh_axes((ACT_BATCH, ACT_HEADS, None, None))
+        spec = jax.sharding.PartitionSpec(*(_divides(a, mesh, size) for a, size in zip(spec, q.shape, strict=True)))
+        out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
+    return out.transpose(0, 2, 1, 3)
+
+
+def _divides(axes, mesh, size: int):
+    """A PartitionSpec entry: the mesh axes this mesh has, or None (replicated) where they do
+    not divide the dimension (e.g. the one-image batch `model.init` traces)."""
+    if axes is None:
+        return None
+    kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
+    shards = 1
+    for a in kept:
+        shards *= mesh.shape[a]
+    return kept if kept and size % shards == 0 else None
+
+
+def mssa(u_BxNxKxP: jax.Array, scale: float, implementation: str) -> jax.Array:
+    """softmax(u uᵀ · scale) u, (B, N, K, P) -> (B, N, K, P); `implementation` resolved."""
+    if implementation in ("symmetric", "autodiff"):
+        u_BxKxNxP = heads_major(u_BxNxKxP)
+        if implementation == "symmetric":
+            out_BxKxNxP = subspace_attention(u_BxKxNxP, scale)
+        else:
+            out_BxKxNxP = _softmax_attention(u_BxKxNxP, scale)[0]
+        return out_BxKxNxP.transpose(0, 2, 1, 3)
+    return attend(u_BxNxKxP, u_BxNxKxP, u_BxNxKxP, scale, implementation, dtype=u_BxNxKxP.dtype)
+
+
+def written_out(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """The ViT's released attention: logits of the scaled queries in the compute dtype, softmax
+    in fp32, probabilities cast back. Returns (output BxNxKxP, probabilities BxKxNxN fp32)."""
+    logits = jnp.einsum("bqkp,bskp->bkqs", q_BxNxKxP * scale, k_BxNxKxP)
+    attn_BxKxNxN = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.einsum("bkqs,bskp->bqkp", attn_BxKxNxN.astype(dtype), v_BxNxKxP), attn_BxKxNxN
+
+
+def attend(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float, implementation: str, dtype) -> jax.Array:
+    """softmax(q kᵀ · scale) v, (B, N, K, P) each -> (B, N, K, P); `implementation` resolved."""
+    if implementation == "autodiff":
+        return written_out(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale, dtype)[0]
+    if implementation == "dot_product":
+        return jax.nn.dot_product_attention(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale=scale, implementation="xla")
+    if implementation == "cudnn":
+        return _cudnn(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale)
+    if implementation == "pallas_tpu":
+        return _pallas_tpu(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale)
+    raise ValueError(f"attention implementation {implementation!r} does not apply here")
+
+
+def fused_flops(batch: int, heads: int, tokens: int, head_dim: int, implementation: str, forward: bool = True) -> float:
+    """FLOPs a fused kernel spends on one attention call at the token count it pads to (what
+    XLA's cost analysis cannot see inside a custom call), 2 FLOPs per multiply-add: 2 products
+    forward (S = q kᵀ, P v), 5 backward (S recomputed, dP, dV, dQ, dK). `forward=False`:
+    the backward only (the Pallas forward kernel carries its own cost estimate, which XLA counts)."""
+    n = _round_up(tokens, _multiple(implementation))
+    return 2.0 * ((2 if forward else 0) + 5) * batch * heads * n * n * head_dim
+
+
+def fused_bytes(
+    batch: int, heads: int, tokens: int, head_dim: int, itemsize: int, implementation: str, forward: bool = True
+) -> float:
+    """HBM bytes a fused kernel moves per call at the padded token count: forward q, k, v read
+    and o written; backward (two kernels, dK/dV and dQ) q, k, v, dO read by each, dQ, dK, dV
+    written, and the fp32 row statistics read by each. Blocks re-read across the grid are not
+    counted (a lower bound). `forward=False`: the backward only."""
+    n = _round_up(tokens, _multiple(implementation))
+    tile = batch * heads * n * head_dim * itemsize
+    rows = batch * heads * n * 4
+    return float((4 * tile if forward else 0) + 11 * tile + 2 * 3 * rows)
+
+
+def _multiple(implementation: str) -> int:
+    return PALLAS_TOKEN_MULTIPLE if implementation == "pallas_tpu" else CUDNN_TOKEN_MULTIPLE

@@ -1,0 +1,197 @@
+"""Attention implementations (crate_jax/models/attention.py): the same function, exactly.
+
+The fused kernels' padding is checked where it runs here: the cuDNN path's pad + mask through
+`jax.nn.dot_product_attention(implementation="xla")` with the same arguments, the Pallas TPU
+kernel in interpret mode. The cuDNN kernel itself is tested on GPUs only.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crate_jax import models
+from crate_jax.models import attention
+
+TINY = dict(image_size=32, patch_size=4, width=64, num_heads=4, depth=2)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _u(batch=2, tokens=197, heads=2, head_dim=16, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, tokens, heads, head_dim)).astype(np.float32))
+
+
+def _loss(fn):
+    # A loss that weights every output row differently, so a wrong gradient row shows.
+    return lambda u: jnp.sum(fn(u) * jnp.arange(u.shape[1], dtype=u.dtype)[None, :, None, None] ** 0.5)
+
+
+@pytest.mark.parametrize("tokens", [197, 50, 128])
+def test_padded_keys_are_masked_exactly(tokens):
+    """The cuDNN path's padding (zeros to a multiple of 128, `key_value_seq_lengths` = N, query
+    rows unmasked, sliced after) through XLA's implementation: output and gradient agree with
+    the unpadded attention to fp32 rounding, and the padding really happened."""
+    u = _u(tokens=tokens)
+    padded = lambda x: attention.padded_dot_product(x, x, x, 0.25, "xla")  # noqa: E731
+    plain = lambda x: attention.mssa(x, 0.25, "symmetric")  # noqa: E731
+    assert rel(padded(u), plain(u)) < 1e-6
+    assert rel(jax.grad(_loss(padded))(u), jax.grad(_loss(plain))(u)) < 1e-6
+    lowered = jax.jit(padded).lower(u).as_text()
+    padded_to = -(-tokens // attention.CUDNN_TOKEN_MULTIPLE) * attention.CUDNN_TOKEN_MULTIPLE
+    assert f"{padded_to}x" in lowered
+
+
+def test_padding_without_the_key_mask_would_be_wrong():
+    """The check above can fail: zero-padded keys left unmasked change the softmax."""
+    u = _u(tokens=50)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 78), (0, 0), (0, 0)))  # noqa: E731
+    unmasked = jax.nn.dot_product_attention(pad(u), pad(u), pad(u), scale=0.25, implementation="xla")[:, :50]
+    assert rel(unmasked, attention.mssa(u, 0.25, "symmetric")) > 1e-2
+
+
+@pytest.mark.parametrize("implementation", ["autodiff", "dot_product"])
+def test_mssa_implementations_agree(implementation):
+    u = _u(tokens=37)
+    fn = lambda x: attention.mssa(x, 0.25, implementation)  # noqa: E731
+    ref = lambda x: attention.mssa(x, 0.25, "symmetric")  # noqa: E731
+    assert rel(fn(u), ref(u)) < 1e-6
+    assert rel(jax.grad(_loss(fn))(u), jax.grad(_loss(ref))(u)) < 1e-6
+
+
+def test_pallas_tpu_kernel_in_interpret_mode():
+    """The Pallas TPU flash kernel (segment ids mask the padding), forward and backward, on CPU."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    u = _u(batch=1, tokens=37, heads=2)
+    fn = lambda x: attention.mssa(x, 0.25, "pallas_tpu")  # noqa: E731
+    ref = lambda x: attention.mssa(x, 0.25, "symmetric")  # noqa: E731
+    with pltpu.force_tpu_interpret_mode():
+        out, grad = fn(u), jax.grad(_loss(fn))(u)
+    assert rel(out, ref(u)) < 1e-6
+    assert rel(grad, jax.grad(_loss(ref))(u)) < 1e-5
+
+
+def test_pallas_tpu_kernel_inside_shard_map_on_a_mesh():
+    """Under a mesh the kernel runs per shard of batch and heads (shard_map), as on a TPU slice."""
+    import flax.linen as nn
+    from jax.experimental.pallas import tpu as pltpu
+
+    mesh = jax.make_mesh((1, 1), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = (("act_batch", "data"), ("act_heads", "tensor"), ("act_length", None))
+    q, k, v = (_u(batch=1, tokens=20, seed=s) for s in range(3))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), pltpu.force_tpu_interpret_mode():
+        jitted = jax.jit(lambda q, k, v: attention.attend(q, k, v, 0.25, "pallas_tpu", jnp.float32))
+        assert "shard_map" in str(jax.make_jaxpr(jitted)(q, k, v))
+        out = jitted(q, k, v)
+    ref = attention.written_out(q, k, v, 0.25, jnp.float32)[0]
+    assert rel(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize(
+    "on, dtype, mssa, vit",
+    [
+        ("cpu", jnp.float32, "symmetric", "autodiff"),
+        ("cpu", jnp.bfloat16, "symmetric", "autodiff"),
+        ("gpu", jnp.bfloat16, "cudnn", "cudnn"),
+        ("gpu", jnp.float16, "cudnn", "cudnn"),
+        ("gpu", jnp.float32, "symmetric", "autodiff"),
+        ("tpu", jnp.bfloat16, "pallas_tpu", "pallas_tpu"),
+        ("tpu", jnp.float32, "pallas_tpu", "pallas_tpu"),
+    ],
+)
+def test_auto_table(on, dtype, mssa, vit):
+    assert attention.resolve("auto", dtype, "mssa", on=on) == mssa
+    assert attention.resolve("auto", dtype, "vit", on=on) == vit
+    assert attention.resolve("dot_product", dtype, "mssa", on=on) == "dot_product"  # explicit names stay
+
+
+def test_auto_follows_the_mesh_platform():
+    """An ahead-of-time compile for a TPU topology traces on a CPU host: `auto` must see the
+    mesh's (abstract) TPU devices, not the host's backend."""
+    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=device)
+    assert attention.platform() == "cpu"
+    with jax.sharding.use_abstract_mesh(tpu_mesh):
+        assert attention.platform() == "tpu"
+        assert attention.resolve("auto", jnp.bfloat16, "mssa") == "pallas_tpu"
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        assert attention.resolve("auto", jnp.bfloat16, "mssa") == "symmetric"
+
+
+def test_auto_is_the_default_and_on_cpu_is_the_symmetric_form():
+    images = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    noise = np.random.default_rng(1).uniform(size=(2, 64)).astype(np.float32)
+    auto = models.build("crate_mae_tiny", **TINY)
+    assert auto.attention == "auto" and models.build("mae_vit_base").attention == "auto"
+    params = auto.init(jax.random.key(0), images)["params"]
+    loss = lambda m: jax.value_and_grad(lambda p: m.apply({"params": p}, images, noise=noise).loss)(params)  # noqa: E731
+    (a, ga), (s, gs) = loss(auto), loss(auto.clone(attention="symmetric"))
+    assert float(a) == float(s)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gs), strict=True))
+
+
+def test_bad_names_fail_with_the_config_key():
+    with pytest.raises(ValueError, match="model.attention='symmetric'.*mae_vit_base"):
+        models.build("mae_vit_base", attention="symmetric")  # q != k in a ViT
+    with pytest.raises(ValueError, match="model.attention='flash'"):
+        models.build("crate_mae_tiny", attention="flash")
+    model = models.build("crate_mae_tiny", attention="cudnn", **TINY)  # fp32: cuDNN has no fp32 kernel
+    with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype bfloat16"):
+        model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
+
+
+def _cudnn_through_xla(monkeypatch):
+    """Run the "cudnn" implementation's code path on CPU with the kernel call answered by XLA's
+    implementation with the same arguments (only the `implementation` string differs)."""
+    real = jax.nn.dot_product_attention
+    calls = []
+
+    def recorded(*args, implementation=None, **kwargs):
+        calls.append((implementation, args[0].shape, kwargs.get("key_value_seq_lengths") is not None))
+        return real(*args, implementation="xla" if implementation == "cudnn" else implementation, **kwargs)
+
+    monkeypatch.setattr(attention, "platform", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_base"])
+def test_cudnn_path_in_bf16_against_fp32(monkeypatch, name):
+    """The cuDNN implementation's whole path (bf16, padding, masks) within the GPU test's
+    tolerances of the fp32 default: loss 1e-2 relative, predictions 5e-2."""
+    size = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4) if name == "mae_vit_base" else TINY
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    noise = np.random.default_rng(1).uniform(size=(4, 64)).astype(np.float32)
+    ref_model = models.build(name, **size)
+    params = ref_model.init(jax.random.key(0), images)["params"]
+    ref = ref_model.apply({"params": params}, images, noise=noise)
+    calls = _cudnn_through_xla(monkeypatch)
+    out = models.build(name, attention="auto", dtype="bfloat16", **size).apply({"params": params}, images, noise=noise)
+    assert calls and all(c[0] == "cudnn" and c[1][1] % 128 == 0 and c[2] for c in calls)
+    assert rel(out.loss, ref.loss) < 1e-2
+    assert rel(out.pred, ref.pred) < 5e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_base"])
+def test_cudnn_kernel_on_gpu_against_fp32(name):
+    size = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4) if name == "mae_vit_base" else TINY
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    noise = np.random.default_rng(1).uniform(size=(4, 64)).astype(np.float32)
+    ref_model = models.build(name, attention="autodiff", **size)
+    params = ref_model.init(jax.random.key(0), images)["params"]
+
+    def loss_and_grad(model):
+        fn = lambda p: model.apply({"params": p}, images, noise=noise).loss  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn))(params), model.apply({"params": params}, images, noise=noise).pred
+
+    (ref_loss, ref_grad), ref_pred = loss_and_grad(ref_model)
+    (loss, grad), pred = loss_and_grad(models.build(name, attention="cudnn", dtype="bfloat16", **size))
+    assert rel(loss, ref_loss) < 1e-2
+    assert rel(pred, ref_pred) < 5e-2
+    assert rel(jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad)]),
+               jnp.concatenate([g.ravel() for g in jax.tree.leaves(ref_grad)])) < 5e-2  # fmt: skip
