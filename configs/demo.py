@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
     config.data.name = "crate_jax_embedded"
     config.data.split = "train"
     config.data.eval_split = "probe_test"
-    config.knn_split = "probe_train"  # crops labelled by source photo (18 classes)
+    config.knn_split = "probe_train"  # crops labelled by source photo (16 classes)
     config.knn_eval_split = "probe_test"
+    config.completion_split = "completion"  # crops of photographs no training split uses
     return config

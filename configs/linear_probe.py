@@ -36,7 +36,7 @@ DATASETS = {
     "cifar100": ("cifar100", "train", "test", 100, 50_000),
     "oxford_flowers102": ("oxford_flowers102", "train+validation", "test", 102, 2_040),
     "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test", 37, 3_680),
-    "embedded": ("crate_jax_embedded", "probe_train", "probe_test", 18, 1_152),  # 18 photographs
+    "embedded": ("crate_jax_embedded", "probe_train", "probe_test", 16, 1_024),  # 16 photographs
 }
 EVAL_ALL = 1_000_000  # eval_steps: more batches than any split has, i.e. the whole split
 
