@@ -83,7 +83,8 @@ def _grace_hopper() -> np.ndarray:
 # `cat` (the same photo as chelsea) and ones that need a download (e.g. eagle). PHOTOS feed
 # train and the probe splits; HELD_OUT only the completion split. The installed packages ship
 # one natural photograph more (the motorcycle; microaneurysms is a 102 px grey fundus crop and
-# Minduka_Present_Blue_Pack clip art), so two photographs were moved out of PHOTOS to join it.
+# Minduka_Present_Blue_Pack clip art), so two photographs were moved out of PHOTOS to join it:
+# a colour one and a grey one, so that the held-out set mixes colour and grey as PHOTOS does.
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "skimage/astronaut": _skimage("astronaut"),
     "skimage/chelsea": _skimage("chelsea"),
@@ -91,7 +92,6 @@ PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "skimage/hubble_deep_field": _skimage("hubble_deep_field"),
     "skimage/immunohistochemistry": _skimage("immunohistochemistry"),
     "skimage/retina": _skimage("retina"),
-    "skimage/camera": _skimage("camera"),
     "skimage/coins": _skimage("coins"),
     "skimage/moon": _skimage("moon"),
     "skimage/brick": _skimage("brick"),
@@ -99,13 +99,14 @@ PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "skimage/gravel": _skimage("gravel"),
     "skimage/cell": _skimage("cell"),
     "skimage/clock": _skimage("clock"),
+    "sklearn/china": _sklearn(0),
     "sklearn/flower": _sklearn(1),
     "matplotlib/grace_hopper": _grace_hopper,
 }
 HELD_OUT: dict[str, Callable[[], np.ndarray]] = {
     "skimage/stereo_motorcycle": _motorcycle,
     "skimage/coffee": _skimage("coffee"),
-    "sklearn/china": _sklearn(0),
+    "skimage/camera": _skimage("camera"),
 }
 
 
@@ -154,7 +155,7 @@ class CrateJaxEmbedded(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "First release.",
-        "1.1.0": "A held-out completion split; coffee and china moved out of train and the probes.",
+        "1.1.0": "A held-out completion split; coffee and camera moved out of train and the probes.",
     }
 
     def _info(self) -> tfds.core.DatasetInfo:
