@@ -29,7 +29,7 @@ follow shared/docs/crate-mae-spec.md, "White-box diagnostics". Writes to `--out`
                          model, random_init, mean_fill, biharmonic completions
 --what=completion (analysis/completion.py) scores the model's completion of the hidden patches
 against the same architecture at random init, mean-colour fill and biharmonic inpainting, on
-the same masks (from --seed, at the model's mask ratio), at the model's own image size, on the
+the same masks (from --seed, at the model's mask ratio), always at the model's own image size, on the
 held-out split --completion_split (photographs no training split uses) or --images; summary.json
 gets "completion": {"model": {"psnr", "ssim"}, "random_init", "mean_fill", "biharmonic",
 "mask_ratio", "num_images", "seed", "split"}.
@@ -252,8 +252,6 @@ def run(
         )
 
     size = image_size or model.image_size
-    if "completion" in what and size != model.image_size:
-        raise ValueError(f"--what=completion runs at the model's own size: leave --image_size={image_size} out")
     grid = size // model.patch_size  # patches per side at the analysed size
     if images:
         pixels, names = load_image_dir(images, size, num_images)
@@ -263,9 +261,11 @@ def run(
     else:
         pixels = load_dataset_images(dataset, split, data_dir, size, num_images, batch_size)
         source = {"dataset": dataset, "split": split}
-    held_out = None
-    if "completion" in what and not images:
-        held_out = load_dataset_images(dataset, completion_split, data_dir, size, num_images, batch_size)
+    held_out = None  # completion's images: always at the model's own size (its masks are the model's)
+    if "completion" in what and images:
+        held_out = pixels if size == model.image_size else load_image_dir(images, model.image_size, num_images)[0]
+    elif "completion" in what:
+        held_out = load_dataset_images(dataset, completion_split, data_dir, model.image_size, num_images, batch_size)
         pixels = held_out if pixels is None else pixels
     n, shown = len(pixels), min(num_show, len(pixels))
     step = meta.get("step")
@@ -319,7 +319,7 @@ def run(
         save(grid, "reconstruction.png")
 
     if "completion" in what:
-        result = completion.evaluate(model, params, pixels if held_out is None else held_out, seed=seed)
+        result = completion.evaluate(model, params, held_out, seed=seed)
         arrays = result.pop("arrays")
         summary["completion"] = result | {"split": f"images:{images}" if images else completion_split}
         buffer = io.BytesIO()
