@@ -79,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # With init_from, the checkpoint names the model; these keys go on top of its spec.
     config.model = ml_collections.ConfigDict()
     config.model.name = "crate_mae_base"  # the preset when init_from is empty
-    config.model.image_size = 32 if embedded else 224
+    config.model.image_size = 64 if embedded else 224  # the demo pretrains at 64 px (configs/demo.py)
     config.model.dtype = "float32" if embedded else "bfloat16"
     config.model.param_dtype = "float32"
     config.model.scan_layers = not embedded

@@ -70,6 +70,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Every eval encodes both, so use slices on ImageNet (e.g. "train[:2%]", "validation[:10%]").
     config.knn_split = ""
     config.knn_eval_split = ""
+    # Completion PSNR of the model at eval steps on a held-out split ("" = off), its first
+    # completion_images images (analysis/completion.py); mean-fill and biharmonic once per run.
+    config.completion_split = ""
+    config.completion_images = 64
 
     config.mesh = ml_collections.ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))
     # Logical axis (models/layers.py) -> mesh axes. Parameters are split over fsdp/tensor,

@@ -36,7 +36,7 @@ DATASETS = {
     "cifar100": ("cifar100", "train", "test", 100, 50_000),
     "oxford_flowers102": ("oxford_flowers102", "train+validation", "test", 102, 2_040),
     "oxford_iiit_pet": ("oxford_iiit_pet", "train", "test", 37, 3_680),
-    "embedded": ("crate_jax_embedded", "probe_train", "probe_test", 18, 1_152),  # 18 photographs
+    "embedded": ("crate_jax_embedded", "probe_train", "probe_test", 16, 1_024),  # 16 photographs
 }
 EVAL_ALL = 1_000_000  # eval_steps: more batches than any split has, i.e. the whole split
 
@@ -101,7 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # With init_from, the checkpoint names the model; these keys go on top of its spec.
     config.model = ml_collections.ConfigDict()
     config.model.name = "crate_mae_base"  # the preset when init_from is empty
-    config.model.image_size = 32 if embedded else 224
+    config.model.image_size = 64 if embedded else 224  # the demo pretrains at 64 px (configs/demo.py)
     config.model.dtype = "float32" if embedded else "bfloat16"
     config.model.param_dtype = "float32"
     config.model.scan_layers = not embedded

@@ -1,8 +1,9 @@
-r"""White-box analysis of a checkpoint: reconstructions, attention maps, coding rate, sparsity, PCA.
+r"""White-box analysis of a checkpoint: reconstructions, attention maps, coding rate, sparsity, PCA,
+masked completion against classical inpainting.
 
     python -m crate_jax.analyze --init_from=/tmp/crate_demo --out=/tmp/crate_demo/analysis \
-        [--what=reconstruction,attention,coding_rate,sparsity,pca] [--images=DIR] [--num_images=64] [--layer=-1] \
-        [--image_size=N]
+        [--what=reconstruction,attention,coding_rate,sparsity,pca,completion] [--images=DIR] [--num_images=64] \
+        [--layer=-1] [--image_size=N] [--completion_split=completion]
 
 `--init_from` (a training workdir or an import_torch output) is enough to rebuild the model.
 Images are the embedded dataset's probe_test split, or every .jpg/.jpeg/.png in `--images`,
@@ -26,6 +27,15 @@ follow shared/docs/crate-mae-spec.md, "White-box diagnostics". Writes to `--out`
   attention_layers.png   every layer x head for the first image (--attention_all_layers)
   pca.png                image | PCA components 1-3 of the last encoder layer's qkv features
   depth.png              R^c and fraction of non-zeros against depth
+  completion.png         original | masked | model | biharmonic (--what=completion)
+  completion.npz         uint8 images (N, H, W, 3), bool mask (N, H, W; True = hidden), uint8
+                         model, random_init, mean_fill, biharmonic completions
+--what=completion (analysis/completion.py) scores the model's completion of the hidden patches
+against the same architecture at random init, mean-colour fill and biharmonic inpainting, on
+the same masks (from --seed, at the model's mask ratio), always at the model's own image size, on the
+held-out split --completion_split (photographs no training split uses) or --images; summary.json
+gets "completion": {"model": {"psnr", "ssim"}, "random_init", "mean_fill", "biharmonic",
+"mask_ratio", "num_images", "seed", "split"}.
 Figures show the first --num_show images, enlarged (nearest) to at least 128 pixels.
 ViT-MAE checkpoints support reconstruction and attention only (no MSSA subspaces, no ISTA).
 """
@@ -33,6 +43,7 @@ ViT-MAE checkpoints support reconstruction and attention only (no MSSA subspaces
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import math
@@ -45,10 +56,10 @@ from absl import app, flags
 from etils import epath
 
 from crate_jax import checkpoint, data, models, visualize
-from crate_jax.analysis import attention, coding_rate, pca, plots
+from crate_jax.analysis import attention, coding_rate, completion, pca, plots
 from crate_jax.data import embedded, transforms
 
-WHAT = ("reconstruction", "attention", "coding_rate", "sparsity", "pca")
+WHAT = ("reconstruction", "attention", "coding_rate", "sparsity", "pca", "completion")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DISPLAY_MIN_PIXELS = 128  # Small demo models (32 px) are enlarged so their figures can be read.
 # What each diagnostic needs from CRATE-MAE's captured intermediates (ViT-MAE lacks them).
@@ -217,6 +228,7 @@ def run(
     split: str = "probe_test",
     data_dir: str | None = None,
     image_size: int = 0,
+    completion_split: str = embedded.COMPLETION_SPLIT,
 ) -> dict:
     """Analyses the checkpoint at `init_from`, writes PNGs and summary.json to `out`, returns the summary."""
     what = parse_what(what)
@@ -248,9 +260,17 @@ def run(
     if images:
         pixels, names = load_image_dir(images, size, num_images)
         source = {"images": images, "image_files": names}
+    elif what == ("completion",):  # nothing else to analyse: read only the held-out split
+        pixels, source = None, {"dataset": dataset}
     else:
         pixels = load_dataset_images(dataset, split, data_dir, size, num_images, batch_size)
         source = {"dataset": dataset, "split": split}
+    held_out = None  # completion's images: always at the model's own size (its masks are the model's)
+    if "completion" in what and images:
+        held_out = pixels if size == model.image_size else load_image_dir(images, model.image_size, num_images)[0]
+    elif "completion" in what:
+        held_out = load_dataset_images(dataset, completion_split, data_dir, model.image_size, num_images, batch_size)
+        pixels = held_out if pixels is None else pixels
     n, shown = len(pixels), min(num_show, len(pixels))
     step = meta.get("step")
     logging.info("analysing %s (%s, step %s) on %d images of %d px: %s", init_from, name, step, n, size, ",".join(what))
@@ -267,7 +287,7 @@ def run(
         visualize.save_png(_enlarge(array, factor), out_dir / filename)
         written.append(filename)
 
-    if any(w != "reconstruction" for w in what):
+    if any(w not in ("reconstruction", "completion") for w in what):
         got = unmasked_diagnostics(model, params, pixels, what, batch_size)
         if "coding_rate" in what:
             enc_mean, enc_std = _stats(got["coding_rate_encoder"])
@@ -303,6 +323,16 @@ def run(
         grid = visualize.reconstruction_grid(pixels[:shown], pred, mask, model.patch_size, model.norm_pix_loss)
         save(grid, "reconstruction.png")
 
+    if "completion" in what:
+        result = completion.evaluate(model, params, held_out, seed=seed)
+        arrays = result.pop("arrays")
+        summary["completion"] = result | {"split": f"images:{images}" if images else completion_split}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        (out_dir / "completion.npz").write_bytes(buffer.getvalue())
+        written.append("completion.npz")
+        save(completion.grid(arrays, num_show), "completion.png")
+
     summary["files"] = written
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -324,7 +354,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 16, "Images per forward pass.")
     flags.DEFINE_integer("seed", 0, "Seed of the reconstruction masks.")
     flags.DEFINE_string("dataset", embedded.NAME, "TFDS dataset (array_record) used without --images.")
-    flags.DEFINE_string("split", "probe_test", "Split of --dataset.")
+    flags.DEFINE_string("split", "probe_test", "Split of --dataset (every diagnostic but completion).")
+    flags.DEFINE_string(
+        "completion_split", embedded.COMPLETION_SPLIT, "Split of --dataset for --what=completion (held-out photos)."
+    )
     flags.DEFINE_string(
         "data_dir", None, "TFDS data_dir of --dataset (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)."
     )
@@ -358,6 +391,7 @@ def main(argv: Sequence[str]) -> None:
         split=f.split,
         data_dir=f.data_dir,
         image_size=f.image_size,
+        completion_split=f.completion_split,
     )
     print(json.dumps({k: summary[k] for k in summary if k not in ("files",)}, indent=1))
 

@@ -11,7 +11,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from crate_jax import checkpoint, models, optim, step, visualize
-from crate_jax.analysis import coding_rate
+from crate_jax.analysis import coding_rate, completion
 from crate_jax.evaluation import features, knn
 from crate_jax.models.mae import CrateMAE
 from crate_jax.tools import flops
@@ -71,6 +71,7 @@ class Evaluator:
             step.make_reconstruct(model, seed=config.seed, num_images=config.num_reconstructions)
         )
         self.diagnose = jax.jit(self._diagnostics) if isinstance(model, CrateMAE) else None
+        self.completion = completion.TrainingMetric(config, model) if config.completion_split else None
 
     def _diagnostics(self, params, images):
         unmasked = self.model.clone(mask_ratio=0.0)
@@ -94,6 +95,8 @@ class Evaluator:
             metrics |= {f"coding_rate/encoder_{i}": float(v) for i, v in enumerate(enc)}
             metrics |= {f"coding_rate/decoder_{i}": float(v) for i, v in enumerate(dec)}
             metrics |= {f"sparsity/encoder_{i}": float(v) for i, v in enumerate(sparse)}
+        if self.completion is not None:  # completion PSNR on held-out photographs, and its baselines
+            metrics |= self.completion(state.params)
         if config.knn_split:  # frozen-feature k-NN accuracy on a labelled split, as DINO
 
             def batches(split):

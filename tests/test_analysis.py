@@ -172,7 +172,8 @@ def test_analyze_end_to_end_on_the_embedded_dataset(full_run):
         assert pixels.std() > 10, f"{name} is flat"
     for name in ("depth.png", "attention_layers.png"):
         assert _png(out / name).std() > 10
-    assert sorted(summary["files"]) == sorted(p.name for p in out.glob("*.png"))
+    assert sorted(summary["files"]) == sorted(p.name for p in out.iterdir() if p.suffix in (".png", ".npz"))
+    assert summary["completion"]["split"] == "completion"  # the held-out photographs (tests/test_completion.py)
 
 
 def test_analyze_numbers_do_not_depend_on_the_batch_size(crate_ckpt, full_run, tmp_path):

@@ -39,6 +39,7 @@ def test_notebook_is_valid_and_has_no_stored_outputs():
         "main.run(config, WORKDIR)",
         "import_torch.convert",
         "analyze.run(",
+        'what=("completion",)',
         "jax.devices()",
     ):
         assert needed in source, needed
@@ -80,6 +81,10 @@ def test_notebook_runs_end_to_end_on_cpu(tmp_path, monkeypatch):
         assert "coding_rate" in (analysis / "summary.json").read_text()
     else:
         assert "crate_jax.analyze is not available" in text
+    # Masked completion: the numbers printed and the grid shown (original | masked | model | biharmonic).
+    assert "completion on 4 held-out images (completion), mask ratio 0.75:" in text
+    assert all(f"  {method:12s} PSNR" in text for method in ("model", "random_init", "mean_fill", "biharmonic"))
+    assert (workdir / "completion" / "completion.png").exists() and (workdir / "completion" / "completion.npz").exists()
 
 
 def test_import_cell_sizes_the_model_as_the_checkpoint(tmp_path, monkeypatch):

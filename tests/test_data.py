@@ -398,8 +398,11 @@ def test_embedded_dataset_builds_once_under_concurrent_callers_and_yields_batche
     data_dir = str(tmp_path / "tfds")
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         assert list(pool.map(embedded.ensure_built, [data_dir, data_dir])) == [data_dir, data_dir]
-    sizes = {split: num_examples(embedded.NAME, split, data_dir) for split in ("train", "probe_train", "probe_test")}
-    assert sizes == {"train": 3024, "probe_train": 1152, "probe_test": 576}
+    sizes = {
+        split: num_examples(embedded.NAME, split, data_dir)
+        for split in ("train", "probe_train", "probe_test", "completion")
+    }
+    assert sizes == {"train": 3024, "probe_train": 1024, "probe_test": 512, "completion": 384}
     it = make_iterator(
         name=embedded.NAME,
         split="probe_test",

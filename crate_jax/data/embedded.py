@@ -5,17 +5,20 @@ tests and the Colab train on crops of the photographs that scikit-image, scikit-
 matplotlib carry inside their wheels. It is a real TFDS dataset (array_record), read through
 exactly the same grain pipeline as ImageNet.
 
-Splits (all 64x64 RGB, JPEG quality 90; `label` = index of the source photograph, `source` =
-its name):
-  train        3,024 crops (168 per photo) at random positions and scales anywhere in the
-               photo: the unlabelled pretraining set.
-  probe_train  1,152 crops (64 per photo) from the "white" cells of a 4x4 checkerboard laid
+Splits (all 64x64 RGB, JPEG quality 90; `label` = index of the source photograph in
+`PHOTOS` then `HELD_OUT`, `source` = its name):
+  train        3,024 crops (189 per photo of the 16 in PHOTOS) at random positions and scales
+               anywhere in the photo: the unlabelled pretraining set.
+  probe_train  1,024 crops (64 per photo) from the "white" cells of a 4x4 checkerboard laid
                over each photo.
-  probe_test     576 crops (32 per photo) from the "black" cells of the same checkerboard.
+  probe_test     512 crops (32 per photo) from the "black" cells of the same checkerboard.
+  completion     384 crops (128 per photo) at random positions and scales of the 3 HELD_OUT
+               photographs, which no other split uses: masked completion is scored there, on
+               pixels that no training split has seen.
 A linear probe therefore has to recognise a photograph from regions whose pixels it never saw
 in probe_train: probe_train and probe_test share no pixel. `train` covers whole photos, so
 pretraining has seen (unlabelled) the probe_test pixels, as self-supervised pretraining on an
-unlabelled pool usually does; the probe numbers say "these features tell 18 photos apart", no
+unlabelled pool usually does; the probe numbers say "these features tell 16 photos apart", no
 more. Everything is seeded: the same package versions give the same examples in the same order.
 
 `ensure_built(data_dir)` builds it on first use (a few seconds) under a file lock, so that
@@ -40,7 +43,8 @@ SEED = 20240501
 _JPEG_QUALITY = 90
 _GRID = 4  # Checkerboard cells per side for the probe splits.
 # Crops per photograph, per split.
-_PER_PHOTO = {"train": 168, "probe_train": 64, "probe_test": 32}
+_PER_PHOTO = {"train": 189, "probe_train": 64, "probe_test": 32, "completion": 128}
+COMPLETION_SPLIT = "completion"  # crops of HELD_OUT only
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -61,6 +65,12 @@ def _sklearn(index: int) -> Callable[[], np.ndarray]:
     return load
 
 
+def _motorcycle() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.stereo_motorcycle()[0]  # the left view; the right one shows the same scene
+
+
 def _grace_hopper() -> np.ndarray:
     from matplotlib import cbook
 
@@ -70,16 +80,18 @@ def _grace_hopper() -> np.ndarray:
 
 # Natural photographs that load without network (checked with scikit-image 0.26). Left out:
 # synthetic or binary images (colorwheel, logo, horse, binary_blobs), documents (page, text),
-# `cat` (the same photo as chelsea) and ones that need a download (e.g. eagle).
+# `cat` (the same photo as chelsea) and ones that need a download (e.g. eagle). PHOTOS feed
+# train and the probe splits; HELD_OUT only the completion split. The installed packages ship
+# one natural photograph more (the motorcycle; microaneurysms is a 102 px grey fundus crop and
+# Minduka_Present_Blue_Pack clip art), so two photographs were moved out of PHOTOS to join it:
+# a colour one and a grey one, so that the held-out set mixes colour and grey as PHOTOS does.
 PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "skimage/astronaut": _skimage("astronaut"),
     "skimage/chelsea": _skimage("chelsea"),
-    "skimage/coffee": _skimage("coffee"),
     "skimage/rocket": _skimage("rocket"),
     "skimage/hubble_deep_field": _skimage("hubble_deep_field"),
     "skimage/immunohistochemistry": _skimage("immunohistochemistry"),
     "skimage/retina": _skimage("retina"),
-    "skimage/camera": _skimage("camera"),
     "skimage/coins": _skimage("coins"),
     "skimage/moon": _skimage("moon"),
     "skimage/brick": _skimage("brick"),
@@ -90,6 +102,11 @@ PHOTOS: dict[str, Callable[[], np.ndarray]] = {
     "sklearn/china": _sklearn(0),
     "sklearn/flower": _sklearn(1),
     "matplotlib/grace_hopper": _grace_hopper,
+}
+HELD_OUT: dict[str, Callable[[], np.ndarray]] = {
+    "skimage/stereo_motorcycle": _motorcycle,
+    "skimage/coffee": _skimage("coffee"),
+    "skimage/camera": _skimage("camera"),
 }
 
 
@@ -118,7 +135,7 @@ def _random_box(
 
 
 def _boxes(split: str, width: int, height: int, rng: np.random.Generator) -> Iterator[tuple[int, int, int, int]]:
-    if split == "train":
+    if split in ("train", COMPLETION_SPLIT):
         for _ in range(_PER_PHOTO[split]):
             yield _random_box(rng, 0, 0, width, height, 0.15, 0.8)
         return
@@ -133,10 +150,13 @@ def _boxes(split: str, width: int, height: int, rng: np.random.Generator) -> Ite
 
 
 class CrateJaxEmbedded(tfds.core.GeneratorBasedBuilder):
-    """Crops of 18 photographs shipped inside installed Python packages (see module docstring)."""
+    """Crops of 19 photographs shipped inside installed Python packages (see module docstring)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {
+        "1.0.0": "First release.",
+        "1.1.0": "A held-out completion split; coffee and camera moved out of train and the probes.",
+    }
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -145,7 +165,7 @@ class CrateJaxEmbedded(tfds.core.GeneratorBasedBuilder):
             features=tfds.features.FeaturesDict(
                 {
                     "image": tfds.features.Image(shape=(IMAGE_SIZE, IMAGE_SIZE, 3), encoding_format="jpeg"),
-                    "label": tfds.features.ClassLabel(names=list(PHOTOS)),
+                    "label": tfds.features.ClassLabel(names=[*PHOTOS, *HELD_OUT]),
                     "source": tfds.features.Text(),
                 }
             ),
@@ -158,7 +178,9 @@ class CrateJaxEmbedded(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
         split_id = list(_PER_PHOTO).index(split)
-        for label, (source, load) in enumerate(PHOTOS.items()):
+        for label, (source, load) in enumerate([*PHOTOS.items(), *HELD_OUT.items()]):
+            if (source in HELD_OUT) != (split == COMPLETION_SPLIT):
+                continue
             photo = Image.fromarray(_as_rgb(load()))
             rng = np.random.default_rng([SEED, split_id, label])
             for k, box in enumerate(_boxes(split, photo.width, photo.height, rng)):
