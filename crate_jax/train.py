@@ -23,10 +23,9 @@ import jax
 import ml_collections
 import numpy as np
 from clu import periodic_actions
-from etils import epath
 from jax.experimental import multihost_utils
 
-from crate_jax import checkpoint, data, models, provenance, sharding, step
+from crate_jax import checkpoint, data, models, provenance, sharding, step, storage
 from crate_jax.metrics import MetricsLog, Throughput
 
 
@@ -162,8 +161,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
 
 def fit(config, workdir: str, task: Task) -> dict[str, float]:
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.makedirs(workdir)  # local or gs:// (crate_jax/storage.py)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.axis_rules(config)
     abstract, shardings, tx = step.abstract_state_from(task.init_variables, task.make_optimizer, mesh, rules)
@@ -225,7 +223,8 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
     )
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=log.writer)]
     if config.profile_steps > 0 and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=str(workdir), num_profile_steps=config.profile_steps))
+        # jax's profiler writes local files only: into the log's mirror, copied into the workdir
+        hooks.append(periodic_actions.Profile(logdir=str(log.local_dir), num_profile_steps=config.profile_steps))
     if start == 0:
         log.hparams({k: v for k, v in _flat(meta["config"]).items() if isinstance(v, int | float | str | bool)})
 
