@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from crate_jax import models
+from crate_jax import models, storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -165,7 +165,8 @@ def restore_train_state(mngr: ocp.CheckpointManager, abstract_state, iterator, p
 
 
 def _set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
-    """Rename an unreadable step so training can save that step again; nothing is deleted."""
+    """Move an unreadable step aside so training can save that step again; nothing is lost
+    (on an object store, which cannot rename, its objects are copied, then deleted)."""
     import time
 
     from jax.experimental import multihost_utils
@@ -173,7 +174,7 @@ def _set_aside(mngr: ocp.CheckpointManager, step: int) -> None:
     if jax.process_index() == 0:
         src = epath.Path(mngr.directory) / str(step)
         dst = src.parent / f"{step}.unreadable-{int(time.time())}"
-        src.rename(dst)
+        storage.move_tree(src, dst)
         logging.warning("moved the unreadable step to %s", dst)
     multihost_utils.sync_global_devices(f"set aside checkpoint step {step}")
     mngr.reload()

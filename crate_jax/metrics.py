@@ -14,6 +14,8 @@ import numpy as np
 from clu import metric_writers
 from etils import epath
 
+from crate_jax import storage
+
 
 def _plain(value: Any) -> Any:
     value = np.asarray(value)
@@ -21,19 +23,38 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsLog:
-    """One place every scalar goes: TensorBoard, the console, and WORKDIR/metrics.jsonl."""
+    """One place every scalar goes: TensorBoard, the console, and WORKDIR/metrics.jsonl.
+
+    On an object store (gs://) metrics.jsonl is one object rewritten whole at every row (no
+    append there), and TensorBoard's writer (TensorFlow's own GCS client cannot reach an
+    emulator) writes into a local mirror copied into the workdir at every row and at the end."""
 
     def __init__(self, workdir: str):
         self.is_writer = jax.process_index() == 0
-        self.writer = metric_writers.create_default_writer(workdir, just_logging=not self.is_writer, asynchronous=True)
+        self.mirror = storage.Mirror(workdir) if self.is_writer else None
+        logdir = str(self.mirror.local) if self.mirror else workdir
+        self.writer = metric_writers.create_default_writer(logdir, just_logging=not self.is_writer, asynchronous=True)
         self.jsonl = epath.Path(workdir) / "metrics.jsonl"
+        self.rewrite = storage.is_remote(workdir)
+        self._text = storage.read_text(self.jsonl) if self.is_writer and self.rewrite else ""
+
+    @property
+    def local_dir(self) -> epath.Path:
+        """Where writers that need a local disk (jax's profiler) write; copied into the workdir."""
+        return self.mirror.local
 
     def scalars(self, step: int, values: dict[str, Any]) -> None:
         values = {k: _plain(v) for k, v in values.items()}
         self.writer.write_scalars(step, values)
         if self.is_writer:
-            with self.jsonl.open("a") as f:  # appends, also for a resumed run
-                f.write(json.dumps({"step": int(step), **values}) + "\n")
+            row = json.dumps({"step": int(step), **values}) + "\n"
+            if self.rewrite:  # every row of every run of this workdir, in one object
+                self._text += row
+                storage.write_text(self.jsonl, self._text)
+            else:
+                with self.jsonl.open("a") as f:  # appends, also for a resumed run
+                    f.write(row)
+            self._sync()
 
     def images(self, step: int, images: dict[str, np.ndarray]) -> None:
         self.writer.write_images(step, images)
@@ -41,11 +62,19 @@ class MetricsLog:
     def hparams(self, values: dict[str, Any]) -> None:
         self.writer.write_hparams(values)
 
+    def _sync(self) -> None:
+        if self.mirror and self.rewrite:
+            self.writer.flush()
+            self.mirror.sync()
+
     def flush(self) -> None:
         self.writer.flush()
+        self._sync()
 
     def close(self) -> None:
         self.writer.close()
+        if self.mirror:
+            self.mirror.sync()
 
 
 class Throughput:

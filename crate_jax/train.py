@@ -30,7 +30,7 @@ import numpy as np
 from clu import periodic_actions
 from etils import epath
 
-from crate_jax import checkpoint, data, models, preemption, provenance, sharding, step, watchdog
+from crate_jax import checkpoint, data, models, preemption, provenance, sharding, step, storage, watchdog
 from crate_jax.metrics import MetricsLog, Throughput
 
 
@@ -142,8 +142,7 @@ def train_and_evaluate(config, workdir: str, make_task: Callable[[Any], Task]) -
 
 
 def fit(config, workdir: str, task: Task) -> dict[str, float]:
-    workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.makedirs(workdir)  # local or gs:// (crate_jax/storage.py)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.axis_rules(config)
     abstract, shardings, tx = step.abstract_state_from(task.init_variables, task.make_optimizer, mesh, rules)
@@ -207,7 +206,8 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
         donate_argnums=(0,),
     )
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=log.writer)]
-    profiler = _Profiler(workdir / "profile", config.profile_steps) if jax.process_index() == 0 else None
+    # jax's profiler writes local files only: into the log's local mirror, copied into the workdir
+    profiler = _Profiler(log.local_dir / "profile", config.profile_steps) if jax.process_index() == 0 else None
     if start == 0:
         log.hparams({k: v for k, v in _flat(meta["config"]).items() if isinstance(v, int | float | str | bool)})
 

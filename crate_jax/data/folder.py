@@ -11,7 +11,7 @@ the transform turns it into a weight-0 placeholder as it does an undecodable ima
 `SPLIT` may carry TFDS slicing (`train[:10%]`, `train+val`), resolved by TFDS's own split
 parser over the number of files in each split folder. `validation` falls back to `val` and
 `val` to `validation` when only the other folder exists. Paths may be local or anything
-`etils.epath` opens (e.g. `gs://` with TensorFlow installed).
+`etils.epath` opens (e.g. `gs://`, see crate_jax/storage.py).
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ import jax
 import tensorflow_datasets as tfds
 from absl import flags
 
+from crate_jax import storage
 from crate_jax.data import embedded, folder, transforms
 
 BACKENDS = ("grain", "tfrecord", "image_folder")
@@ -71,7 +72,7 @@ def _how_to_prepare(name: str, data_dir: str, file_format: str) -> str:
 
 def tfds_builder(name: str, data_dir: str | None, file_format: str = "array_record") -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder for `name` stored as `file_format`, or a one-line error saying how to make it."""
-    if name == embedded.NAME:
+    if name == embedded.NAME and not (data_dir and storage.is_remote(data_dir)):  # built on local disks only
         data_dir = embedded.ensure_built(data_dir, file_format)
     searched = resolve_data_dir(data_dir)
     try:
@@ -108,6 +109,12 @@ def _check_backend(backend: str, data_dir: str | None) -> None:
         raise ValueError(f"Unknown data backend {backend!r}; expected one of {list(BACKENDS)}.")
     if backend == "image_folder" and not data_dir:
         raise ValueError("backend='image_folder' needs data_dir (the folder holding SPLIT/<class>/<image>).")
+    if backend == "grain" and storage.is_remote(resolve_data_dir(data_dir)):
+        raise ValueError(
+            f"data_dir={resolve_data_dir(data_dir)}: the grain backend reads array_record files through the local "
+            "file system; mount the bucket with gcsfuse and pass the mount point, or use backend='tfrecord' "
+            "(reads gs:// directly)."
+        )
 
 
 def num_examples(name: str, split: str, data_dir: str | None, backend: str = "grain") -> int:

@@ -10,10 +10,12 @@ as the identity map (the release stores one but never applies it).
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import numpy as np
 from absl import app, flags
+from etils import epath
 from flax import traverse_util
 
 from crate_jax import checkpoint, models
@@ -49,7 +51,9 @@ def export_classifier(variables, clf) -> dict[str, np.ndarray]:
 def save(state_dict: dict[str, np.ndarray], path: str) -> None:
     import torch  # optional dependency
 
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, path)
+    buffer = io.BytesIO()  # serialised in memory, so `path` may be gs:// (etils.epath)
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in state_dict.items()}}, buffer)
+    epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def main(argv):
@@ -74,7 +78,7 @@ def main(argv):
 def define_flags() -> None:
     # Defined here, not at import, so that importing this module never clashes with other flags.
     flags.DEFINE_string("init_from", None, "A training workdir or checkpoint directory.")
-    flags.DEFINE_string("out", None, "Output .pth file.")
+    flags.DEFINE_string("out", None, "Output .pth file (local or gs://).")
 
 
 if __name__ == "__main__":
