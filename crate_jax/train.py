@@ -238,13 +238,14 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
                 log.scalars(n, metrics)
         return metrics
 
-    # Implicit transfers fail inside the loop (explicit ones, the batch's device_put and the
-    # metrics' device_get, are allowed): a per-step host sync cannot creep in unnoticed.
-    # Checkpoints and evaluations run outside the guard.
+    # Implicit transfers fail inside the loop (the explicit device_get of the metrics is allowed;
+    # the input batch's copy is allowed by name): a per-step host sync cannot creep in unnoticed.
+    # Compiling, checkpoints, evaluations and log writes run with transfers allowed.
     try:
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules), jax.transfer_guard("disallow"):
             for n in range(start + 1, config.total_steps + 1):
-                batch = sharding.global_batch(next(train_it), mesh)
+                with jax.transfer_guard("allow"):  # the input batch: the one intended host-to-device copy
+                    batch = sharding.global_batch(next(train_it), mesh)
                 if n == start + 1:  # compile ahead of time, to report its cost
                     watchdog.beat("compiling the train step")
                     with jax.transfer_guard("allow"):
