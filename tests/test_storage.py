@@ -36,7 +36,6 @@ DEMO = [
     "--config.log_every_steps=1",
     "--config.eval_every_steps=8",
     "--config.eval_steps=1",
-    "--config.profile_steps=1",  # clu profiles from step 10: after the restart
     "--config.optim.warmup_steps=2",
     # shrunk so a run compiles and trains in seconds; evaluation stays on (one device)
     "--config.model.width=32",
@@ -150,11 +149,36 @@ def test_killed_run_resumes_from_the_bucket_with_uninterrupted_losses(bucket_run
     names = emulator.names("run/")
     assert "run/config.json" in names
     assert any(n.startswith("run/events.out.tfevents") for n in names), "TensorBoard events were not copied"
-    assert any("/plugins/profile/" in n for n in names), "the profile was not copied"
     assert {f"run/reconstructions/step_{s:07d}.png" for s in (8, TOTAL)} <= set(names)
     png = Image.open(io.BytesIO(emulator.read(f"run/reconstructions/step_{TOTAL:07d}.png")))
     assert png.size[0] > 100
     assert not network_log.exists(), network_log.read_text()
+
+
+MIRROR_SCRIPT = """
+import json, sys
+import jax, jax.numpy as jnp
+from crate_jax.metrics import MetricsLog
+workdir = sys.argv[1]
+log = MetricsLog(workdir)
+jax.profiler.start_trace(str(log.local_dir))  # what clu's Profile hook does with train.py's logdir
+jnp.ones(8).sum().block_until_ready()
+jax.profiler.stop_trace()
+log.scalars(int(sys.argv[2]), {"loss": float(sys.argv[2])})
+log.flush()
+"""
+
+
+def test_profiles_events_and_metrics_rows_reach_the_bucket(emulator, network_log):
+    env = environment(emulator, network_log)
+    for step in (1, 2):  # two processes writing one workdir, as a run and its resume
+        subprocess.run([sys.executable, "-c", MIRROR_SCRIPT, emulator.gs("mirror"), str(step)], env=env, check=True,
+                       capture_output=True, timeout=600)  # fmt: skip
+    names = emulator.names("mirror/")
+    assert any(n.startswith("mirror/plugins/profile/") for n in names), names
+    assert sum(n.startswith("mirror/events.out.tfevents") for n in names) == 2, names
+    rows = [json.loads(line) for line in emulator.read("mirror/metrics.jsonl").decode().splitlines()]
+    assert rows == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
 
 
 def test_analyze_reads_the_bucket_and_writes_its_summary_there(bucket_run, local_run, emulator, network_log, tmp_path):
@@ -236,6 +260,7 @@ def test_image_folder_in_the_bucket_trains(emulator, network_log):
         "--config.data.split=train", "--config.data.eval_split=val", "--config.knn_split=",
         "--config.batch_size=8", "--config.eval_batch_size=8", "--config.total_steps=3", "--config.eval_every_steps=3",
         "--config.checkpoint_every_steps=3", "--config.log_every_steps=1", "--config.eval_steps=1",
+        "--config.optim.warmup_steps=1",
         f"--workdir={emulator.gs('folder_run')}")  # fmt: skip
     rows = [json.loads(line) for line in emulator.read("folder_run/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
