@@ -198,7 +198,7 @@ def test_analyze_reads_the_bucket_and_writes_its_summary_there(bucket_run, local
         f"--images={local_images}", what)  # fmt: skip
     ours = json.loads(emulator.read("analysis/summary.json"))
     reference = json.loads((tmp_path / "analysis" / "summary.json").read_text())
-    assert ours["source"]["image_files"] == ["0.png", "1.png", "2.png", "3.png"]
+    assert ours["image_files"] == ["0.png", "1.png", "2.png", "3.png"] and ours["checkpoint"] == emulator.gs("run")
     for key in ("coding_rate", "sparsity"):
         np.testing.assert_allclose(_numbers(ours[key]), _numbers(reference[key]), rtol=1e-5)
     pngs = {n for n in emulator.names("analysis/") if n.endswith(".png")}
