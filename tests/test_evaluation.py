@@ -177,7 +177,7 @@ def test_linear_probe_fair_trains_the_head_only(tmp_path, pretrained, data_dir):
     config = tiny_config("linear_probe", path, data_dir)
     main.run(config, str(tmp_path))
     model, variables = classifier.load_classifier(str(tmp_path))
-    assert model.head == "probe" and model.num_classes == 18
+    assert model.head == "probe" and model.num_classes == 16
     trained = variables["params"]
     assert_trees_equal(encoder_part(trained, trained), encoder_part(models.to_layout(params, False), trained))
     np.testing.assert_array_equal(trained["pos_embed"][0], sincos_table_2d(64, 8, 8))  # frozen at the MAE's table
@@ -190,7 +190,7 @@ def test_linear_probe_fair_trains_the_head_only(tmp_path, pretrained, data_dir):
     assert evals[-1]["step"] == 2 and 0.0 <= evals[-1]["eval_accuracy"] <= 1.0
     assert json.loads((tmp_path / "linear_probe.json").read_text())["eval_accuracy"] == evals[-1]["eval_accuracy"]
     logits = model.apply(variables, jnp.zeros((2, 32, 32, 3)))
-    assert logits.shape == (2, 18)
+    assert logits.shape == (2, 16)
 
 
 def test_linear_probe_optimizer_keeps_no_encoder_state():
@@ -312,10 +312,10 @@ def test_knn_and_logistic_tasks_write_results(tmp_path, pretrained, data_dir):
     path, _, _ = pretrained
     metrics = knn.run(tiny_config("knn", path, data_dir), str(tmp_path / "knn"))
     saved = json.loads((tmp_path / "knn" / "knn.json").read_text())
-    assert saved["knn_accuracy"] == metrics["knn_accuracy"] and saved["bank_size"] == 1152
-    assert saved["num_queries"] == 576 and rows(tmp_path / "knn")[0]["knn_accuracy"] == metrics["knn_accuracy"]
+    assert saved["knn_accuracy"] == metrics["knn_accuracy"] and saved["bank_size"] == 1024
+    assert saved["num_queries"] == 512 and rows(tmp_path / "knn")[0]["knn_accuracy"] == metrics["knn_accuracy"]
     config = tiny_config("linear_probe", path, data_dir, protocol="logistic", **{"logistic.l2_grid": [1e-3, 1e-1]})
     metrics = linear_probe.run(config, str(tmp_path / "logistic"))
     saved = json.loads((tmp_path / "logistic" / "linear_probe_logistic.json").read_text())
-    assert saved["eval_accuracy"] == metrics["eval_accuracy"] > 1 / 18 and saved["num_train"] == 1152
+    assert saved["eval_accuracy"] == metrics["eval_accuracy"] > 1 / 16 and saved["num_train"] == 1024
     assert "eval_accuracy" in rows(tmp_path / "logistic")[0]

@@ -21,7 +21,7 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from crate_jax import api, checkpoint, data, step, train  # noqa: E402
+from crate_jax import api, checkpoint, data, main, step, train  # noqa: E402
 from crate_jax.config_file import load_config  # noqa: E402
 from crate_jax.data import folder, transforms  # noqa: E402
 from crate_jax.tools import export_torch, import_torch  # noqa: E402
@@ -105,7 +105,7 @@ def common_keys(root: str, init_dir: str, lr: float, accum: int = 1) -> dict:
 
 
 def run_trainer(config, workdir) -> list[dict]:
-    train.train_and_evaluate(config, str(workdir))
+    main.run(config, str(workdir))
     rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "loss" in r and "step" in r]
 

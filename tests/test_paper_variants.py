@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import crate_jax
-from crate_jax import analyze, checkpoint, data, models, sharding, train
+from crate_jax import analyze, checkpoint, data, main, models, sharding
 from crate_jax.analysis import attention
 from crate_jax.config_file import load_config
 from crate_jax.evaluation import classifier, knn, llrd
@@ -346,7 +346,7 @@ def test_paper_checkpoint_probes_fine_tunes_and_knn(paper_run, data_dir, tmp_pat
     assert saved["pool"] == "mean" and saved["knn_accuracy"] == metrics["knn_accuracy"]
     for name in ("linear_probe", "finetune"):
         config = eval_config(name, paper_run, data_dir)
-        last = train.train_and_evaluate(config, str(tmp_path / name))
+        last = main.run(config, str(tmp_path / name))
         assert np.isfinite(last["loss"])
         model, variables = crate_jax.load(str(tmp_path / name))
         assert (model.cls_token, model.pool) == (False, "mean") and "pos_embed" in variables["params"]
