@@ -258,6 +258,7 @@ def test_image_folder_in_the_bucket_trains(emulator, network_log):
     run(environment(emulator, network_log), "crate_jax.main", "--config=configs/demo.py",
         "--config.data.backend=image_folder", f"--config.data.data_dir={emulator.gs('folder')}",
         "--config.data.split=train", "--config.data.eval_split=val", "--config.knn_split=",
+        "--config.completion_split=",  # the demo's completion split belongs to the embedded set, not this folder
         "--config.batch_size=8", "--config.eval_batch_size=8", "--config.total_steps=3", "--config.eval_every_steps=3",
         "--config.checkpoint_every_steps=3", "--config.log_every_steps=1", "--config.eval_steps=1",
         "--config.optim.warmup_steps=1",
