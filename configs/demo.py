@@ -3,15 +3,16 @@ scikit-image / scikit-learn / matplotlib (built into a TFDS dataset on first use
 
     python -m crate_jax.main --config=configs/demo.py --workdir=/tmp/crate_demo
 
-2,000 steps of batch 32 at the dataset's own 64 px, patch 16 (a 4x4 grid, as ViT-B/16 at
+3,000 steps of batch 32 at the dataset's own 64 px, patch 16 (a 4x4 grid, as ViT-B/16 at
 64 px), 75% of the patches hidden, the loss on every patch (the paper's whole-image loss),
-width 128, 4+4 layers. Expected cost on 2 CPU cores: see the README's quick start (measured
+width 128, 2+2 layers, each training crop recoloured and turned (`mae_pretrain_recolour`: 16
+photographs are few enough to memorise). Expected cost on 2 CPU cores: see the README's quick start (measured
 there with the load it ran under). WORKDIR/reconstructions/step_*.png shows original | masked |
 reconstruction | reconstruction with the visible patches pasted back; every eval logs
 `completion_psnr` on photographs no training split uses, beside mean-colour fill and biharmonic
 inpainting on the same masks (README, "Masked completion"). The recipe was chosen by measuring
-completion PSNR against steps: at 32 px with patch 4 or 8 the model stayed below both baselines
-within the budget (README).
+completion PSNR against steps: at 32 px with patch 4 or 8, or with 4+4 layers, the model stayed
+at or below both baselines within the budget (README).
 """
 
 import importlib.util
@@ -27,7 +28,7 @@ _spec.loader.exec_module(imagenet_mae)
 def get_config(arg: str | None = None):
     config = imagenet_mae.get_config("variant=tiny,runlocal" + (f",{arg}" if arg else ""))
     config.batch_size = 32
-    config.total_steps = 2000  # completion PSNR is flat from step 1,000 on (README); 3,000 ran past 5 minutes
+    config.total_steps = 3000  # completion PSNR still rising at 3,000 (README); the budget is 5 minutes
     config.log_every_steps = 100
     config.eval_every_steps = 1000
     config.eval_steps = 4
@@ -42,12 +43,13 @@ def get_config(arg: str | None = None):
     config.model.patch_size = 16  # 17 tokens: 2,000 steps fit the budget (patch 4 at 32 px: 600)
     config.model.loss_patches = "all"  # the paper's whole-image loss: it completed better here (README)
     config.model.width = 128
-    config.model.depth = 4
-    config.model.decoder_depth = 4
+    config.model.depth = 2  # 4+4 layers completed unseen photographs worse at equal time (README)
+    config.model.decoder_depth = 2
     config.model.num_heads = 4
     config.model.decoder_num_heads = 4
     config.data.name = "crate_jax_embedded"
     config.data.split = "train"
+    config.data.transform = "mae_pretrain_recolour"  # colours and orientation read from the visible patches
     config.data.eval_split = "probe_test"
     config.knn_split = "probe_train"  # crops labelled by source photo (16 classes)
     config.knn_eval_split = "probe_test"

@@ -124,7 +124,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.data_dir = ""  # TFDS data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets), or the image folder root
     config.data.split = "train"
     config.data.eval_split = "validation"
-    config.data.transform = "mae_pretrain"
+    config.data.transform = "mae_pretrain"  # or mae_pretrain_recolour (a few photographs: the demo); transforms.py
     config.data.eval_transform = "eval"
     config.data.shuffle = True
     config.data.worker_count = 16  # grain worker processes per host

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import itertools
 import os
 import subprocess
 import sys
@@ -352,7 +353,7 @@ def test_bench_input_runs_on_every_backend(dirs, backend):
 def test_transforms_shape_dtype_and_normalisation():
     mean_colour = np.broadcast_to((transforms.IMAGENET_MEAN * 255).round().astype(np.uint8), (30, 50, 3))
     element = {"image": _png(np.ascontiguousarray(mean_colour)), "label": 3}
-    for name in transforms.TRANSFORMS:
+    for name in set(transforms.TRANSFORMS) - {"mae_pretrain_recolour"}:  # it changes colours (test below)
         t = transforms.get_transform(name, 24, **(NO_AUGMENT if name == "finetune_train" else {}))
         out = t.random_map(element, np.random.default_rng(0)) if name != "eval" else t.map(element)
         assert out["image"].shape == (24, 24, 3) and out["image"].dtype == np.float32
@@ -369,6 +370,37 @@ def test_random_transform_is_a_function_of_the_rng():
     a, b, c = (t.random_map(element, np.random.default_rng(s))["image"] for s in (5, 5, 6))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_recolour_and_turn_is_a_quarter_turn_channel_order_affine_map_and_inversion():
+    """Every output is one of the 4 turns x 6 channel orders of the input under a per-channel
+    gain and offset in range (inverted or not), and every turn, order and inversion occurs."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(100, 151, (8, 8, 3)).astype(np.uint8)  # 150 x 1.4 + 40 < 255: never clipped
+    seen = set()
+    for seed in range(300):
+        out = transforms.recolour_and_turn(image, np.random.default_rng(seed)).astype(np.float64)
+        assert out.shape == image.shape
+        matches = []
+        for turn in range(4):
+            for order in itertools.permutations(range(3)):
+                x = np.rot90(image, turn)[..., list(order)].reshape(-1, 3).astype(np.float64)
+                for inverted in (False, True):
+                    y = (255 - out if inverted else out).reshape(-1, 3)
+                    fits = [np.polyfit(x[:, c], y[:, c], 1) for c in range(3)]
+                    residual = max(np.abs(np.polyval(f, x[:, c]) - y[:, c]).max() for c, f in enumerate(fits))
+                    gain_ok = all(transforms.RECOLOUR_GAIN[0] - 0.02 <= f[0] <= transforms.RECOLOUR_GAIN[1] + 0.02
+                                  for f in fits)  # fmt: skip
+                    if residual <= 1.0 and gain_ok:  # rounding to uint8: 0.5, plus the fit
+                        matches.append((turn, order, inverted))
+        assert len(matches) == 1, (seed, matches)
+        seen.add(matches[0])
+    assert {m[0] for m in seen} == set(range(4)) and len({m[1] for m in seen}) == 6
+    assert {m[2] for m in seen} == {False, True}
+    recolour = transforms.get_transform("mae_pretrain_recolour", 16)
+    element = {"image": _png(np.random.default_rng(1).integers(0, 256, (40, 60, 3), dtype=np.uint8))}
+    a, b = (recolour.random_map(element, np.random.default_rng(5))["image"] for _ in range(2))
+    np.testing.assert_array_equal(a, b)  # a function of the rng, as every random transform
 
 
 def test_random_resized_crop_box_stays_inside_and_falls_back_to_center():
