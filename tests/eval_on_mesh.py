@@ -4,7 +4,7 @@ its own device count, and once per process for a multi-process run):
     python tests/eval_on_mesh.py OUT DATA_DIR DATA,FSDP,TENSOR [COORDINATOR NUM_PROCESSES PROCESS_ID]
 
 Pretrains a tiny CRATE-MAE for 3 steps (a profiler trace of the second) and evaluates it
-(eval loss, reconstructions, coding rate, sparsity, k-NN accuracy), then trains a linear probe
+(eval loss, reconstructions, coding rate, sparsity, k-NN accuracy, completion PSNR), then trains a linear probe
 (protocol "fair") and a fine-tune of it for one step each and evaluates them. Metrics go to
 OUT/{pretrain,linear_probe,finetune}.
 """
@@ -38,6 +38,7 @@ def main(out: str, data_dir: str, mesh: str, *distributed: str) -> None:
     pretrain.unlock()
     pretrain.data.name, pretrain.data.eval_split = "crate_jax_embedded", "probe_test"
     pretrain.knn_split, pretrain.knn_eval_split = "probe_train", "probe_test"
+    pretrain.completion_split, pretrain.completion_images = "completion", 8  # the model gathered per host
     pretrain.profile_steps = 1  # the second of its 3 steps
     steps = 3
     pretrain = configure(pretrain, data_dir, shape, batch_size=16, total_steps=steps, eval_every_steps=steps,

@@ -1,5 +1,5 @@
 """Every task's evaluation on every mesh (issue 12): pretraining's eval loss, reconstructions,
-coding rate, sparsity and k-NN accuracy, the linear probe's and the fine-tune's accuracy and
+coding rate, sparsity, k-NN accuracy and completion PSNR, the linear probe's and the fine-tune's accuracy and
 loss, on 4 devices, on 8 devices as data=2 x fsdp=2 x tensor=2, and on 2 processes x 2
 devices, each equal to one device's numbers. Also: `config.profile_steps` writes a profiler
 trace that `jax.profiler.ProfileData` reads back. Each run is tests/eval_on_mesh.py in subprocesses under a timeout."""
@@ -70,9 +70,8 @@ def one_device(tmp_path_factory, data_dir):
 
 def test_one_device_evaluates_everything(one_device):
     pretrain = eval_rows(one_device, "pretrain")
-    assert {"eval_loss", "knn_accuracy", "coding_rate/encoder_0", "coding_rate/decoder_1", "sparsity/encoder_1"} <= set(
-        pretrain
-    )
+    assert {"eval_loss", "knn_accuracy", "coding_rate/encoder_0", "coding_rate/decoder_1", "sparsity/encoder_1",
+            "completion_psnr", "completion_psnr/biharmonic"} <= set(pretrain)  # fmt: skip
     assert 0.0 < pretrain["knn_accuracy"] <= 1.0 and pretrain["coding_rate/encoder_0"] > 0
     for task in ("linear_probe", "finetune"):
         assert {"eval_accuracy", "eval_top5_accuracy", "eval_loss"} <= set(eval_rows(one_device, task))

@@ -20,12 +20,14 @@ information; the result says `"uses_true_patch_stats": True`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from skimage.metrics import structural_similarity
 from skimage.restoration import inpaint_biharmonic
 
@@ -239,6 +241,26 @@ def load_split(
     return to_uint8(np.concatenate(chunks)[:num_images])
 
 
+@contextlib.contextmanager
+def on_this_host(params):
+    """Yields `params` as this process can run the model on them. Parameters sharded over
+    several processes (a multi-host mesh) are gathered (a collective every process must join)
+    onto this process's first device, and the model runs there under a one-device mesh with the
+    training mesh's axis names (its sharding constraints name them): a jitted function of the
+    sharded parameters would return arrays this process cannot read."""
+    if all(x.is_fully_addressable for x in jax.tree.leaves(params) if isinstance(x, jax.Array)):
+        yield params
+        return
+    device = jax.local_devices()[0]
+    gathered = jax.device_put(multihost_utils.process_allgather(params, tiled=True), device)
+    names = jax.sharding.get_abstract_mesh().axis_names
+    if not names:
+        yield gathered
+        return
+    with jax.set_mesh(jax.sharding.Mesh(np.asarray([device]).reshape((1,) * len(names)), names)):
+        yield gathered
+
+
 class TrainingMetric:
     """`completion_psnr` at pretraining eval steps: the model on the held-out completion split
     (`config.completion_split`, its first `config.completion_images` images), masks from
@@ -261,7 +283,8 @@ class TrainingMetric:
                 config.completion_images,
             )
             self.noise, self.mask = draw_masks(model, len(self.pixels), config.seed)
-        completed = model_completion(model, params, self.pixels, self.noise, self.mask)
+        with on_this_host(params) as local_params:
+            completed = model_completion(model, local_params, self.pixels, self.noise, self.mask)
         metrics = {"completion_psnr": float(psnr(self.pixels, completed, self.mask).mean())}
         if jax.process_index() == 0:
             if self.baselines is None:
