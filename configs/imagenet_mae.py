@@ -104,8 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.scan_layers = True
     # Large needs remat to fit 16 GiB v5e chips at batch 16/chip (aot_compile: 13.7 -> 4.4 GiB, +3% FLOPs).
     config.model.remat = "dots" if args["variant"].endswith("large") else "none"
-    # auto: by platform and dtype (models/attention.py AUTO: cuDNN on GPUs in bf16, the Pallas
-    # flash kernel on TPUs, the symmetric form on CPU); or symmetric | autodiff | dot_product |
+    # auto: by platform and dtype (models/attention.py AUTO: cuDNN on GPUs in bf16, XLA's
+    # symmetric / written-out form on TPUs and CPUs); or symmetric | autodiff | dot_product |
     # cudnn | pallas_tpu (symmetric is CRATE-MAE's only).
     config.model.attention = "auto"
     if name.startswith("crate_mae"):

@@ -72,8 +72,10 @@ def validate(config, num_devices: int) -> None:
     """`validate_config`, then that the splits exist: everything fails before compiling."""
     validate_config(config, num_devices, jax.process_count())
     watchdog.beat("reading (or building) the dataset")
-    for split in (config.data.split, config.data.eval_split):  # a missing split fails now, not at the first eval
-        data.num_examples(config.data.name, split, config.data.data_dir or None, backend=config.data.backend)
+    # A missing split fails now, not at the first evaluation (pretraining's completion split too).
+    for split in (config.data.split, config.data.eval_split, config.get("completion_split")):
+        if split:
+            data.num_examples(config.data.name, split, config.data.data_dir or None, backend=config.data.backend)
     for name in (config.data.transform, config.data.eval_transform):  # and a bad transform name or option
         data.get_transform(name, config.model.image_size, **transform_options(config, name))
 

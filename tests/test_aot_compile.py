@@ -90,7 +90,8 @@ def test_cli_compiles_the_train_step_for_v5e_4(tmp_path):
     out = tmp_path / "aot.json"
     proc = subprocess.run(
         [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=tiny,runlocal",
-         "--topology=v5e-4", f"--out={out}", f"--dump_hlo={tmp_path / 'step.hlo'}"],
+         "--config.model.attention=pallas_tpu", "--topology=v5e-4", f"--out={out}",
+         f"--dump_hlo={tmp_path / 'step.hlo'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -111,12 +112,17 @@ def test_cli_compiles_the_train_step_for_v5e_4(tmp_path):
     assert r["flops_per_step"] == pytest.approx(r["compiled_flops_per_chip"] * 4, rel=0.25)
     assert r["step_time_at_peak_s"] == pytest.approx(r["flops_per_step"] / (4 * 197e12))
     assert r["collectives"]["all-reduce"] >= 1  # data parallelism: the gradients
-    # attention="auto" picks the Pallas TPU kernel for a TPU mesh, traced on this CPU host: its
-    # kernels are in the HLO (forward, dK/dV, dQ per call) and counted analytically.
+    # The Pallas TPU kernel (asked for: `auto` picks XLA's attention on TPUs) under a TPU mesh
+    # traced on this CPU host: its kernels are in the HLO (forward, dK/dV, dQ per call) and
+    # counted analytically.
     fused = r["fused_attention"]
     assert fused["attention"] == ["pallas_tpu"] and fused["kernel_calls_in_hlo"] >= 3
     assert fused["flops_per_chip"] > 0 and fused["bytes_per_chip"] > 0
-    assert 'custom_call_target="tpu_custom_call"' in (tmp_path / "step.hlo").read_text()
+    hlo = (tmp_path / "step.hlo").read_text()
+    assert 'custom_call_target="tpu_custom_call"' in hlo
+    # What `attention.fused_bytes` counts for the backward kernels: fp32 row statistics
+    # broadcast to 128 lanes (4 images and 4 heads per chip, 65 tokens padded to 128).
+    assert "f32[4,4,128,128]" in hlo
     rl = r["roofline"]
     assert rl["flops_per_chip"] == pytest.approx(r["compiled_flops_per_chip"] + fused["flops_per_chip"])
     assert rl["bytes_per_chip"] == pytest.approx(r["compiled_bytes_accessed_per_chip"] + fused["bytes_per_chip"])

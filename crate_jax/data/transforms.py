@@ -150,6 +150,10 @@ def random_resized_crop_flip(
     return image
 
 
+RECOLOUR_GAIN = (0.6, 1.4)
+RECOLOUR_OFFSET = (-40.0, 40.0)  # in uint8 levels
+
+
 def recolour_and_turn(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """uint8 HxWx3 -> a random quarter turn, a random channel order, a per-channel gain in
     RECOLOUR_GAIN and offset in RECOLOUR_OFFSET (clipped to [0, 255]), then inverted with
@@ -160,10 +164,6 @@ def recolour_and_turn(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarra
     gain, offset = rng.uniform(*RECOLOUR_GAIN, 3), rng.uniform(*RECOLOUR_OFFSET, 3)
     pixels = np.clip(pixels * gain + offset, 0, 255).round().astype(np.uint8)
     return 255 - pixels if rng.random() < 0.5 else np.ascontiguousarray(pixels)
-
-
-RECOLOUR_GAIN = (0.6, 1.4)
-RECOLOUR_OFFSET = (-40.0, 40.0)  # in uint8 levels
 
 
 # ---------------------------------------------------------------------------- grain transforms

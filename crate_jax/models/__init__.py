@@ -5,7 +5,7 @@ params = model.init(jax.random.key(0), images)["params"]
 out = model.apply({"params": params}, images, rngs={"mask": key})
 """
 
-from crate_jax.models.mae import CrateMAE, MAEOutput, ViTMAE, random_masking, reconstruction_loss
+from crate_jax.models.mae import CrateMAE, MAEOutput, ViTMAE, attention_calls, random_masking, reconstruction_loss
 from crate_jax.models.presets import PRESETS, abstract_params, build, count_params, model_fields
 from crate_jax.models.stack import to_layout
 
@@ -15,6 +15,7 @@ __all__ = [
     "MAEOutput",
     "ViTMAE",
     "abstract_params",
+    "attention_calls",
     "build",
     "count_params",
     "model_fields",

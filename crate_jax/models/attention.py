@@ -51,13 +51,17 @@ PALLAS_TOKEN_MULTIPLE = 128
 #     were ~40% of the CRATE-MAE-B step on an H200 (shared/docs/stack-notes.md), and the padded
 #     cuDNN step ran 1.55x the default's speed there.
 #   GPU fp32: cuDNN has no fp32 flash kernel; the symmetric form was the fastest XLA path.
-#   TPU: see `tpu_choice` (README, TPU table): chosen from the AOT roofline.
+#   TPU: the XLA forms (as on CPU). From the unrolled AOT rooflines on v5e-256 (README, TPU
+#     table): jax's Pallas flash kernel (`pallas_tpu`) moved more bytes than the materialised
+#     softmax it replaces at these token counts (197, and ViT-MAE's 50 visible): it pads to
+#     128-token blocks and keeps three fp32 row statistics broadcast to 128 lanes in HBM for its
+#     backward (4x the bytes of a bf16 query row of head dim 64), re-read per block.
 #   CPU: the symmetric form (9.9 ms vs 13.1 / 18.9 ms for autodiff / dot_product, one Base
 #     layer forward + backward at batch 4); the ViT keeps its released written-out form.
 _HALF = ("bfloat16", "float16")
 AUTO = {
-    "mssa": {"gpu_half": "cudnn", "gpu": "symmetric", "tpu": "pallas_tpu", "cpu": "symmetric"},
-    "vit": {"gpu_half": "cudnn", "gpu": "autodiff", "tpu": "pallas_tpu", "cpu": "autodiff"},
+    "mssa": {"gpu_half": "cudnn", "gpu": "symmetric", "tpu": "symmetric", "cpu": "symmetric"},
+    "vit": {"gpu_half": "cudnn", "gpu": "autodiff", "tpu": "autodiff", "cpu": "autodiff"},
 }
 
 
@@ -259,14 +263,33 @@ def fused_flops(batch: int, heads: int, tokens: int, head_dim: int, implementati
 def fused_bytes(
     batch: int, heads: int, tokens: int, head_dim: int, itemsize: int, implementation: str, forward: bool = True
 ) -> float:
-    """HBM bytes a fused kernel moves per call at the padded token count: forward q, k, v read
-    and o written; backward (two kernels, dK/dV and dQ) q, k, v, dO read by each, dQ, dK, dV
-    written, and the fp32 row statistics read by each. Blocks re-read across the grid are not
-    counted (a lower bound). `forward=False`: the backward only."""
+    """HBM bytes a fused kernel moves per call at the padded token count. `forward=False`: only
+    what XLA's cost analysis cannot see (the Pallas forward kernel's cost estimate counts its
+    operands and results once).
+
+    cuDNN: forward q, k, v read and o written; backward q, k, v, dO read by each of two
+    kernels, dQ, dK, dV written, fp32 row statistics read by each; blocks re-read across the
+    grid not counted (a lower bound). Pallas TPU (jax's `flash_attention`, default 128-token
+    blocks), from the operands in its HLO: the backward reads three fp32 row statistics (l, m
+    and di = rowsum(o·dO)) broadcast to 128 lanes, (B, K, N, 128) each, and with padding the
+    query segment ids as int32 (B, N, 128), read per head; the dK/dV kernel re-reads the query
+    side per key block, the dQ kernel the key side per query block, the forward the keys per
+    query block."""
     n = _round_up(tokens, _multiple(implementation))
-    tile = batch * heads * n * head_dim * itemsize
-    rows = batch * heads * n * 4
-    return float((4 * tile if forward else 0) + 11 * tile + 2 * 3 * rows)
+    tile = batch * heads * n * head_dim * itemsize  # q, k, v, o or one of their gradients
+    if implementation != "pallas_tpu":
+        rows = batch * heads * n * 4
+        return float((4 * tile if forward else 0) + 11 * tile + 2 * 3 * rows)
+    blocks = n // PALLAS_TOKEN_MULTIPLE
+    stats = batch * heads * n * PALLAS_TOKEN_MULTIPLE * 4
+    padded = tokens != n
+    q_ids = batch * heads * n * PALLAS_TOKEN_MULTIPLE * 4 if padded else 0
+    kv_ids = batch * heads * 8 * n * 4 if padded else 0
+    dkv = blocks * (2 * tile + 3 * stats + q_ids) + 2 * tile + kv_ids + 2 * tile  # q, dO, stats per key block
+    dq = 2 * tile + 3 * stats + q_ids + blocks * (2 * tile + kv_ids) + tile  # k, v per query block
+    forward_unseen = (blocks - 1) * (2 * tile + kv_ids)  # k, v re-read beyond the cost estimate
+    forward_seen = 4 * tile + 2 * stats + q_ids + kv_ids  # q, k, v, ids read, o, l, m written
+    return float(dkv + dq + forward_unseen + (forward_seen if forward else 0))
 
 
 def _multiple(implementation: str) -> int:

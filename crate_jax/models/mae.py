@@ -411,3 +411,20 @@ class ViTMAE(_MAEBase):
         pred = self._predict(y)
         intermediates = {"encoder": enc_aux, "decoder": dec_aux} if capture else {}
         return self._output(images, pred, mask, latent, example_weight, intermediates)
+
+
+def attention_calls(model: CrateMAE | ViTMAE) -> list[tuple[int, int, int, str]]:
+    """Every attention call of one forward pass, encoder then decoder: (tokens, heads, head
+    dim, "mssa" | "vit"), for the kernel choice (`attention.resolve`) and analytic costs."""
+    cls = int(getattr(model, "cls_token", True))
+    patches = model.num_patches
+    visible = cls + int(patches * (1 - model.mask_ratio))  # random_masking keeps this many
+    if isinstance(model, CrateMAE):
+        encoder = patches + cls if model.encoder_tokens == "all" else visible
+        heads = model.decoder_num_heads or model.num_heads
+        return [(encoder, model.num_heads, model.width // model.num_heads, "mssa")] * model.depth + [
+            (patches + cls, heads, model.width // heads, "mssa")
+        ] * model.decoder_depth
+    return [(visible, model.num_heads, model.width // model.num_heads, "vit")] * model.depth + [
+        (patches + cls, model.decoder_num_heads, model.decoder_width // model.decoder_num_heads, "vit")
+    ] * model.decoder_depth

@@ -108,27 +108,16 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 
 def attention_calls(config) -> list[tuple[int, int, int, str]]:
-    """Every attention call of one forward pass: (tokens, heads, head dim, model kind), with its
-    implementation resolved for a TPU."""
+    """Every attention call of one forward pass of the config's model (`models.attention_calls`)."""
     overrides = {k: v for k, v in config.model.items() if k != "name"}
-    model = models.build(config.model.name, **overrides)
-    patches = model.num_patches
-    visible = 1 + int(patches * (1 - model.mask_ratio))
-    if isinstance(model, models.CrateMAE):
-        n_enc = patches + 1 if model.encoder_tokens == "all" else visible
-        dec_heads = model.decoder_num_heads or model.num_heads
-        return [(n_enc, model.num_heads, model.width // model.num_heads, "mssa")] * model.depth + [
-            (patches + 1, dec_heads, model.width // dec_heads, "mssa")
-        ] * model.decoder_depth
-    return [(visible, model.num_heads, model.width // model.num_heads, "vit")] * model.depth + [
-        (patches + 1, model.decoder_num_heads, model.decoder_width // model.decoder_num_heads, "vit")
-    ] * model.decoder_depth
+    return models.attention_calls(models.build(config.model.name, **overrides))
 
 
 def fused_attention_cost(config, mesh) -> dict:
     """FLOPs and HBM bytes per chip that XLA's cost analysis leaves out of the Pallas attention
-    kernels in one train step: the backward kernels (the forward kernel carries a cost
-    estimate XLA counts), analytically at the padded token count. Zero without Pallas kernels."""
+    kernels in one train step (`attention.fused_flops` / `fused_bytes` with forward=False: the
+    backward kernels and the forward's block re-reads; the forward kernel's cost estimate, which
+    XLA counts, covers the rest), at the padded token count. Zero without Pallas kernels."""
     batch_shards = mesh.shape["slices"] * mesh.shape["data"] * mesh.shape["fsdp"]
     batch = config.batch_size // batch_shards
     itemsize = jnp.dtype(config.model.dtype).itemsize
@@ -170,6 +159,7 @@ def model_flops_per_step(config) -> float:
     config = config.copy_and_resolve_references()
     config.grad_accum_steps = 1
     config.model.scan_layers, config.model.remat = False, "none"
+    config.model.attention = "auto"  # XLA's form on this CPU host: a fused kernel would not lower here
     one_device = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
     lowered, _ = lower_train_step(config, one_device)
     return float(lowered.cost_analysis()["flops"])
