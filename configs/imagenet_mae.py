@@ -15,8 +15,9 @@ Recipe (FAIR MAE, which the CRATE-MAE authors follow): global batch 4096, 800 ep
 (250,228 steps), 40 warmup epochs, AdamW beta (0.9, 0.95), lr 1.5e-4 x batch/256, weight
 decay 0.05, cosine to 0, mask ratio 0.75, RandomResizedCrop(224, 0.2-1) + flip.
 Expected cost: CRATE-MAE-B is 12.6 GMACs per image forward (all 197 tokens through 24
-layers); with the fused ISTA step the compiled train step is 2.41e14 FLOPs at batch 4096
-(`python -m crate_jax.tools.aot_compile --topology=v5e-256`): 4.8 ms at a v5e-256's bf16 peak.
+layers); with the fused ISTA step and TPU's attention the train step is 2.47e14 FLOPs at batch
+4096 (`python -m crate_jax.tools.aot_compile --topology=v5e-256`): 4.9 ms at a v5e-256's bf16
+peak, though the step is memory-bound there (README, "TPU: attention before and after").
 ImageNet must be prepared as a TFDS array_record dataset (see README, "Data").
 """
 
@@ -105,8 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Large needs remat to fit 16 GiB v5e chips at batch 16/chip (aot_compile: 13.7 -> 4.4 GiB, +3% FLOPs).
     config.model.remat = "dots" if args["variant"].endswith("large") else "none"
     # auto: by platform and dtype (models/attention.py AUTO: cuDNN on GPUs in bf16, XLA's
-    # symmetric / written-out form on TPUs and CPUs); or symmetric | autodiff | dot_product |
-    # cudnn | pallas_tpu (symmetric is CRATE-MAE's only).
+    # autodiff form on TPUs, the symmetric form on CPUs); or symmetric | autodiff | dot_product
+    # | cudnn | pallas_tpu (symmetric is CRATE-MAE's only).
     config.model.attention = "auto"
     if name.startswith("crate_mae"):
         config.model.encoder_tokens = "all"  # "visible": the efficient variant (needs its own pretraining)

@@ -51,16 +51,18 @@ PALLAS_TOKEN_MULTIPLE = 128
 #     were ~40% of the CRATE-MAE-B step on an H200 (shared/docs/stack-notes.md), and the padded
 #     cuDNN step ran 1.55x the default's speed there.
 #   GPU fp32: cuDNN has no fp32 flash kernel; the symmetric form was the fastest XLA path.
-#   TPU: the XLA forms (as on CPU). From the unrolled AOT rooflines on v5e-256 (README, TPU
-#     table): jax's Pallas flash kernel (`pallas_tpu`) moved more bytes than the materialised
-#     softmax it replaces at these token counts (197, and ViT-MAE's 50 visible): it pads to
-#     128-token blocks and keeps three fp32 row statistics broadcast to 128 lanes in HBM for its
-#     backward (4x the bytes of a bf16 query row of head dim 64), re-read per block.
+#   TPU: XLA's autodiff form, from the unrolled AOT rooflines (README, TPU table). CRATE-MAE-B
+#     on v5e-256: 32.2 GB per chip for autodiff (dot_product the same) against 36.2 for the
+#     symmetric form, whose transposed N×N gradient costs more bytes than the product it saves.
+#     jax's Pallas flash kernel (`pallas_tpu`) moved more bytes still at these token counts
+#     (197, and ViT-MAE's 50 visible): it pads to 128-token blocks and keeps three fp32 row
+#     statistics broadcast to 128 lanes in HBM for its backward (4x the bytes of a bf16 query
+#     row of head dim 64), re-read per block.
 #   CPU: the symmetric form (9.9 ms vs 13.1 / 18.9 ms for autodiff / dot_product, one Base
 #     layer forward + backward at batch 4); the ViT keeps its released written-out form.
 _HALF = ("bfloat16", "float16")
 AUTO = {
-    "mssa": {"gpu_half": "cudnn", "gpu": "symmetric", "tpu": "symmetric", "cpu": "symmetric"},
+    "mssa": {"gpu_half": "cudnn", "gpu": "symmetric", "tpu": "autodiff", "cpu": "symmetric"},
     "vit": {"gpu_half": "cudnn", "gpu": "autodiff", "tpu": "autodiff", "cpu": "autodiff"},
 }
 

@@ -159,7 +159,11 @@ def model_flops_per_step(config) -> float:
     config = config.copy_and_resolve_references()
     config.grad_accum_steps = 1
     config.model.scan_layers, config.model.remat = False, "none"
-    config.model.attention = "auto"  # XLA's form on this CPU host: a fused kernel would not lower here
+    # The attention form the TPU step runs, or XLA's autodiff form (the same products) in place
+    # of a fused kernel, which would not lower on this CPU host.
+    kind = "mssa" if config.model.name.startswith("crate_mae") else "vit"
+    picked = attention.resolve(config.model.attention, config.model.dtype, kind, on="tpu")
+    config.model.attention = "autodiff" if picked in ("pallas_tpu", "cudnn") else picked
     one_device = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
     lowered, _ = lower_train_step(config, one_device)
     return float(lowered.cost_analysis()["flops"])
