@@ -161,7 +161,7 @@ def model_flops_per_step(config) -> float:
     config.model.scan_layers, config.model.remat = False, "none"
     # The attention form the TPU step runs, or XLA's autodiff form (the same products) in place
     # of a fused kernel, which would not lower on this CPU host.
-    kind = "mssa" if config.model.name.startswith("crate_mae") else "vit"
+    kind = attention_calls(config)[0][3]  # "mssa" or "vit"
     picked = attention.resolve(config.model.attention, config.model.dtype, kind, on="tpu")
     config.model.attention = "autodiff" if picked in ("pallas_tpu", "cudnn") else picked
     one_device = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
