@@ -64,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.drop_path_rate = 0.1  # the last encoder layer's; linear from 0 in the first (FAIR/timm)
 
     config.mesh = ml_collections.ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))
+    # Mesh axes the optimizer's moments and update are split over beyond the parameters' own
+    # sharding, e.g. ("data",) (weight-update sharding, sharding.update_shardings: less memory and
+    # AdamW traffic per chip, one all-gather of the fp32 parameters per step); () = as the params.
+    config.mesh.update_sharding = ()
     config.axis_rules = [
         ("act_batch", ("slices", "data", "fsdp")),
         ("act_length", None),

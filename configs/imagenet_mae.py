@@ -77,6 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.completion_images = 64
 
     config.mesh = ml_collections.ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))
+    # Mesh axes the optimizer's moments and update are split over beyond the parameters' own
+    # sharding, e.g. ("data",) (weight-update sharding, sharding.update_shardings: less memory and
+    # AdamW traffic per chip, one all-gather of the fp32 parameters per step); () = as the params.
+    config.mesh.update_sharding = ()
     # Logical axis (models/layers.py) -> mesh axes. Parameters are split over fsdp/tensor,
     # activations over the batch axes.
     config.axis_rules = [

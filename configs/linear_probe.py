@@ -86,6 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.hang_timeout_s = 1800.0  # no finished step / eval batch / phase heartbeat for this long: log stacks, exit 3
 
     config.mesh = ml_collections.ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))
+    # Mesh axes the optimizer's moments and update are split over beyond the parameters' own
+    # sharding, e.g. ("data",) (weight-update sharding, sharding.update_shardings: less memory and
+    # AdamW traffic per chip, one all-gather of the fp32 parameters per step); () = as the params.
+    config.mesh.update_sharding = ()
     config.axis_rules = [
         ("act_batch", ("slices", "data", "fsdp")),
         ("act_length", None),

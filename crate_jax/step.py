@@ -35,13 +35,17 @@ def image_init(model):
     return init
 
 
-def abstract_state_from(init_variables, tx_factory, mesh: Mesh, rules) -> tuple[TrainState, TrainState, Any]:
+def abstract_state_from(
+    init_variables, tx_factory, mesh: Mesh, rules, update_axes: tuple[str, ...] = ()
+) -> tuple[TrainState, TrainState, Any]:
     """(abstract state, its shardings, the optimizer), all without allocating anything.
 
     `init_variables(key)` returns flax variables whose params carry logical axis names.
     Parameter shardings come from those names and the rules; the optimizer's moments take
-    the shardings of the parameters they mirror; other collections are replicated unless
-    they carry names too."""
+    the shardings of the parameters they mirror, further split over the mesh axes
+    `update_axes` (`config.mesh.update_sharding`; `sharding.update_shardings`), where the
+    returned optimizer also runs its update; other collections are replicated unless they
+    carry names too."""
     key = jax.random.key(0)  # concrete values before entering the mesh (topology meshes have no devices)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         boxed = jax.eval_shape(init_variables, key)
@@ -51,15 +55,18 @@ def abstract_state_from(init_variables, tx_factory, mesh: Mesh, rules) -> tuple[
     rest_shardings = sharding.logical_shardings(boxed, mesh, rules)
     params = nn.unbox(boxed_params)
     tx = tx_factory(params)
+    moment_shardings = sharding.update_shardings(params, param_shardings, mesh, update_axes)
+    if moment_shardings != param_shardings:
+        tx = sharding.sharded_updates(tx, moment_shardings)
     opt_state = jax.eval_shape(tx.init, params)
     repl = sharding.replicated(mesh)
-    # Parameter-shaped leaves take their parameter's sharding; `MaskedNode`s (the parameters an
+    # Parameter-shaped leaves take their moment sharding; `MaskedNode`s (the parameters an
     # `optax.multi_transform` / `masked` branch keeps no state for) stay empty.
     opt_shardings = optax.tree_utils.tree_map_params(
         tx,
         lambda leaf, s: leaf if isinstance(leaf, optax.MaskedNode) else s,
         opt_state,
-        param_shardings,
+        moment_shardings,
         transform_non_params=lambda _: repl,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )
@@ -69,9 +76,9 @@ def abstract_state_from(init_variables, tx_factory, mesh: Mesh, rules) -> tuple[
     return state, shardings, tx
 
 
-def abstract_state(model, tx_factory, mesh: Mesh, rules) -> tuple[TrainState, TrainState, Any]:
+def abstract_state(model, tx_factory, mesh: Mesh, rules, update_axes=()) -> tuple[TrainState, TrainState, Any]:
     """`abstract_state_from` for a model that takes images."""
-    return abstract_state_from(image_init(model), tx_factory, mesh, rules)
+    return abstract_state_from(image_init(model), tx_factory, mesh, rules, update_axes)
 
 
 def init_state_from(init_variables, tx, seed: int, shardings: TrainState, mesh: Mesh, rules, params=None):

@@ -51,6 +51,7 @@ def validate_config(config, num_devices: int, num_processes: int) -> None:
     One-line errors naming the config key (also used by tools.aot_compile for topologies)."""
     models.model_fields(config.model.name, **{k: v for k, v in config.model.items() if k != "name"})
     shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(config.mesh, num_devices), strict=True))
+    sharding.update_axes(config)
     batch_shards = shape["slices"] * shape["data"] * shape["fsdp"]
     if config.grad_accum_steps < 1:
         raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps} must be >= 1")
@@ -147,7 +148,9 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
     workdir = storage.makedirs(workdir)  # local or gs:// (crate_jax/storage.py)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.axis_rules(config)
-    abstract, shardings, tx = step.abstract_state_from(task.init_variables, task.make_optimizer, mesh, rules)
+    abstract, shardings, tx = step.abstract_state_from(
+        task.init_variables, task.make_optimizer, mesh, rules, sharding.update_axes(config)
+    )
     if mesh.size > mesh.shape["data"] and (unsharded := sharding.check_sharded(abstract.params, shardings.params)):
         logging.warning("large parameters left replicated by config.axis_rules: %s", unsharded)
 

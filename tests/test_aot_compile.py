@@ -90,7 +90,8 @@ def test_cli_compiles_the_train_step_for_v5e_4(tmp_path):
     out = tmp_path / "aot.json"
     proc = subprocess.run(
         [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=tiny,runlocal",
-         "--config.model.attention=pallas_tpu", "--topology=v5e-4", f"--out={out}",
+         "--config.model.attention=pallas_tpu", "--config.mesh.update_sharding=('data',)", "--topology=v5e-4",
+         f"--out={out}",
          f"--dump_hlo={tmp_path / 'step.hlo'}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
     )  # fmt: skip
@@ -112,6 +113,10 @@ def test_cli_compiles_the_train_step_for_v5e_4(tmp_path):
     assert r["flops_per_step"] == pytest.approx(r["compiled_flops_per_chip"] * 4, rel=0.25)
     assert r["step_time_at_peak_s"] == pytest.approx(r["flops_per_step"] / (4 * 197e12))
     assert r["collectives"]["all-reduce"] >= 1  # data parallelism: the gradients
+    # Weight-update sharding (the layout: test_sharding.py): the updated parameters are
+    # gathered, and on a pure data-parallel mesh nothing else gathers.
+    assert r["update_sharding"] == ["data"]
+    assert r["collectives"]["all-gather"] >= 1
     # The Pallas TPU kernel (asked for: `auto` picks XLA's attention on TPUs) under a TPU mesh
     # traced on this CPU host: its kernels are in the HLO (forward, dK/dV, dQ per call) and
     # counted analytically.
@@ -128,6 +133,12 @@ def test_cli_compiles_the_train_step_for_v5e_4(tmp_path):
     assert rl["bytes_per_chip"] == pytest.approx(r["compiled_bytes_accessed_per_chip"] + fused["bytes_per_chip"])
     assert rl["step_s"] == pytest.approx(max(rl["flops_per_chip"] / 197e12, rl["bytes_per_chip"] / 819e9))
     assert rl["complete"]  # runlocal is unrolled
+    # The HBM side alone, by source: less than XLA's count, which includes on-chip operands.
+    hbm = r["hbm"]
+    assert 0 < hbm["bytes_per_chip"] < rl["bytes_per_chip"]
+    assert hbm["memory_s"] == pytest.approx(hbm["bytes_per_chip"] / 819e9)
+    assert any(g.startswith("encoder/") for g in hbm["bytes_by_source"])
+    assert "HBM side alone" in proc.stdout
 
 
 @needs_libtpu

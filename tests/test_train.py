@@ -160,7 +160,10 @@ def test_restore_8_devices_onto_4(tmp_path, data_dir, reference):
     # Three steps on 8 devices (data 4 x fsdp 2), then the same workdir continued on 4. The
     # learning rate of the first three updates does not depend on total_steps (two warmup
     # steps, then the cosine's start), so both legs must follow the one-device reference.
-    overrides = ["--config.checkpoint_every_steps=3", "--config.eval_every_steps=100", "--config.mesh.fsdp=2"]
+    # With weight-update sharding: the moments are split over data as well (4 ways, then 2),
+    # and the update must still be the one-device one.
+    overrides = ["--config.checkpoint_every_steps=3", "--config.eval_every_steps=100", "--config.mesh.fsdp=2",
+                 "--config.mesh.update_sharding=('data',)"]  # fmt: skip
     run(tmp_path, data_dir, "--config.total_steps=3", *overrides, devices=8)
     proc = run(tmp_path, data_dir, "--config.total_steps=6", *overrides, devices=4)
     assert "resumed from step 3" in proc.stderr

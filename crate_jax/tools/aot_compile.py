@@ -10,9 +10,11 @@ with the state's shardings and the state donated) on a mesh from `config.mesh` o
 abstract devices of the topology (`jax.experimental.topologies`); nothing is read or allocated.
 Prints per-chip memory against the chip's HBM, FLOPs per step, the collectives in the compiled
 program, the step time the chip's bf16 peak would allow, and a roofline step time: the larger of
-FLOPs / bf16 peak and bytes accessed / HBM bandwidth, per chip, from the compiled program. A
-config that does not fit exits 1 with the compiler's message. `--dump_hlo=PATH` writes the
-optimised HLO.
+FLOPs / bf16 peak and bytes accessed / HBM bandwidth, per chip, from the compiled program.
+XLA's "bytes accessed" also counts the operands the TPU compiler keeps in on-chip memory, so
+the report adds the HBM side alone, from the memory spaces of the optimised HLO, with its
+largest sources (`crate_jax/tools/hlo_bytes.py`). A config that does not fit exits 1 with the
+compiler's message. `--dump_hlo=PATH` writes the optimised HLO.
 
 XLA's cost analysis sees a Pallas kernel (a `tpu_custom_call`) as almost free, so the FLOPs and
 HBM bytes of the fused attention kernels are counted analytically (`fused_attention_cost`) and
@@ -49,7 +51,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from crate_jax import models, sharding, step, train  # noqa: E402
 from crate_jax.models import attention  # noqa: E402
-from crate_jax.tools import topologies  # noqa: E402
+from crate_jax.tools import hlo_bytes, topologies  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 _COLLECTIVE_RE = re.compile(r"\s(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
@@ -77,7 +79,9 @@ def lower_train_step(config, mesh):
     the state donated), lowered for `mesh`; abstract devices allowed."""
     task = TASKS[config.task](config)
     rules = sharding.axis_rules(config)
-    abstract, shardings, tx = step.abstract_state_from(task.init_variables, task.make_optimizer, mesh, rules)
+    abstract, shardings, tx = step.abstract_state_from(
+        task.init_variables, task.make_optimizer, mesh, rules, sharding.update_axes(config)
+    )
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("image", "label", "weight")}
     train_step = jax.jit(
         task.make_step(tx),
@@ -210,6 +214,11 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True, dum
     roofline_flops = compiled_flops + fused["flops_per_chip"]
     roofline_bytes = compiled_bytes + fused["bytes_per_chip"]
     compute_s, memory_s = roofline_flops / chip.peak_bf16_flops, roofline_bytes / chip.hbm_bytes_per_s
+    # XLA's "bytes accessed" counts every operand, also those the TPU compiler keeps on chip
+    # (layout S(1)); the HLO's memory spaces give the HBM side alone (tools/hlo_bytes.py).
+    by_source = hlo_bytes.bytes_by_source(hlo)
+    hbm_bytes = sum(sum(d.values()) for d in by_source.values()) + fused["bytes_per_chip"]
+    top_sources = sorted(by_source.items(), key=lambda kv: -sum(kv[1].values()))[:8]
     return {
         "topology": topology.accelerator_type,
         "topology_name": topology.topology_name,
@@ -247,6 +256,12 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True, dum
             # XLA's cost analysis counts a loop body once: complete only for unrolled layers.
             "complete": not config.model.scan_layers and config.grad_accum_steps == 1,
         },
+        "update_sharding": list(sharding.update_axes(config)),
+        "hbm": {
+            "bytes_per_chip": hbm_bytes,
+            "memory_s": hbm_bytes / chip.hbm_bytes_per_s,
+            "bytes_by_source": {g: sum(d.values()) for g, d in top_sources},
+        },
     }
 
 
@@ -273,6 +288,9 @@ def format_report(r: dict) -> str:
             f"  roofline per chip: {rl['flops_per_chip']:.4g} FLOPs, {rl['bytes_per_chip'] / 1e9:.3g} GB accessed "
             f"({rl['hbm_bytes_per_s'] / 1e9:.0f} GB/s HBM) -> step {rl['step_s'] * 1e3:.3g} ms, {rl['bound']}-bound"
             + ("" if rl["complete"] else " (scanned layers: loop bodies counted once, a lower bound)"),
+            f"  HBM side alone (arrays the compiler keeps on chip left out, tools/hlo_bytes.py): "
+            f"{r['hbm']['bytes_per_chip'] / 1e9:.3g} GB per chip -> {r['hbm']['memory_s'] * 1e3:.3g} ms; largest: "
+            + ", ".join(f"{g} {b / 1e9:.2g} GB" for g, b in list(r["hbm"]["bytes_by_source"].items())[:4]),
             f"  compiled in {r['compile_s']:.1f} s",
         ]
     )

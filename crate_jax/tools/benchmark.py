@@ -209,7 +209,7 @@ def _train_step(config, model, init: bool = True):
     rules = sharding.axis_rules(config)
     schedule = optim.learning_rate(config.optim, config.batch_size, config.total_steps)
     abstract, shardings, tx = step.abstract_state(
-        model, lambda p: optim.make_optimizer(config.optim, schedule, p), mesh, rules
+        model, lambda p: optim.make_optimizer(config.optim, schedule, p), mesh, rules, sharding.update_axes(config)
     )
     if init:
         state = step.init_state(model, tx, config.seed, shardings, mesh, rules)
