@@ -216,9 +216,8 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True, dum
     compute_s, memory_s = roofline_flops / chip.peak_bf16_flops, roofline_bytes / chip.hbm_bytes_per_s
     # XLA's "bytes accessed" counts every operand, also those the TPU compiler keeps on chip
     # (layout S(1)); the HLO's memory spaces give the HBM side alone (tools/hlo_bytes.py).
-    by_source = hlo_bytes.bytes_by_source(hlo)
-    hbm_bytes = sum(sum(d.values()) for d in by_source.values()) + fused["bytes_per_chip"]
-    top_sources = sorted(by_source.items(), key=lambda kv: -sum(kv[1].values()))[:8]
+    by_source = hlo_bytes.totals(hlo_bytes.bytes_by_source(hlo))
+    hbm_bytes = sum(by_source.values()) + fused["bytes_per_chip"]
     return {
         "topology": topology.accelerator_type,
         "topology_name": topology.topology_name,
@@ -260,7 +259,7 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True, dum
         "hbm": {
             "bytes_per_chip": hbm_bytes,
             "memory_s": hbm_bytes / chip.hbm_bytes_per_s,
-            "bytes_by_source": {g: sum(d.values()) for g, d in top_sources},
+            "bytes_by_source": dict(list(by_source.items())[:8]),
         },
     }
 

@@ -26,6 +26,7 @@ its layers inside a while loop, which this counts once, as XLA's cost analysis d
 from __future__ import annotations
 
 import collections
+import math
 import re
 import sys
 
@@ -57,15 +58,15 @@ _MODEL_RE = re.compile(r"^(?P<dir>transpose\()?jvp\((?P<model>[\w]+)\)\)?/(?P<pa
 def array_bytes(type_text: str, hbm_only: bool = False) -> int:
     """Bytes of every array in an HLO type (an array or a tuple of arrays); `hbm_only`: leave
     out arrays laid out in an on-chip memory space (`S(1)`)."""
-    total = 0
-    for dtype, dims, layout in _ARRAY_RE.findall(type_text):
-        if hbm_only and re.search(r"S\([1-9]\d*\)", layout or ""):
-            continue
-        n = 1
-        for d in filter(None, dims.split(",")):
-            n *= int(d)
-        total += n * _DTYPE_BYTES[dtype]
-    return total
+    return sum(
+        _bytes(dtype, dims)
+        for dtype, dims, layout in _ARRAY_RE.findall(type_text)
+        if not (hbm_only and re.search(r"S\([1-9]\d*\)", layout or ""))
+    )
+
+
+def _bytes(dtype: str, dims: str) -> int:
+    return math.prod(int(d) for d in filter(None, dims.split(","))) * _DTYPE_BYTES[dtype]
 
 
 def _moved_bytes(out_type: str) -> int:
@@ -74,10 +75,7 @@ def _moved_bytes(out_type: str) -> int:
     if len(arrays) < 2:
         return array_bytes(out_type)
     dtype, dims, _ = arrays[-2]  # the last array is the context scalar
-    n = 1
-    for d in filter(None, dims.split(",")):
-        n *= int(d)
-    return n * _DTYPE_BYTES[dtype]
+    return _bytes(dtype, dims)
 
 
 def _entry_lines(hlo_text: str) -> list[str]:
@@ -154,18 +152,23 @@ def bytes_by_source(hlo_text: str, hbm_only: bool = True) -> dict[str, dict[str,
     return {g: dict(d) for g, d in groups.items()}
 
 
+def totals(groups: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{group: bytes over all directions}, largest first."""
+    return dict(sorted(((g, sum(d.values())) for g, d in groups.items()), key=lambda kv: -kv[1]))
+
+
 def format_table(groups: dict[str, dict[str, float]], top: int = 25) -> str:
-    total = sum(sum(d.values()) for d in groups.values())
-    rows = sorted(groups.items(), key=lambda kv: -sum(kv[1].values()))
+    sums = totals(groups)
+    total = sum(sums.values())
+    rows = [(g, groups[g]) for g in sums]
     out = [f"{'source':<48} {'forward GB':>10} {'backward GB':>11} {'step GB':>8} {'share':>6}"]
     for group, d in rows[:top]:
-        s = sum(d.values())
         out.append(
             f"{group:<48} {d.get('forward', 0) / 1e9:>10.3f} {d.get('backward', 0) / 1e9:>11.3f} "
-            f"{d.get('step', 0) / 1e9:>8.3f} {s / max(total, 1):>6.1%}"
+            f"{d.get('step', 0) / 1e9:>8.3f} {sums[group] / max(total, 1):>6.1%}"
         )
     if len(rows) > top:
-        rest = sum(sum(d.values()) for _, d in rows[top:])
+        rest = sum(sums[g] for g, _ in rows[top:])
         more = f"({len(rows) - top} more)"
         out.append(f"{more:<48} {'':>10} {'':>11} {rest / 1e9:>8.3f} {rest / max(total, 1):>6.1%}")
     out.append(f"{'total':<48} {'':>10} {'':>11} {total / 1e9:>8.3f}")
