@@ -167,6 +167,19 @@ def test_harness_writes_well_formed_results(tmp_path):
     assert visible["xla_flops_per_step_unrolled"] > visible["xla_flops_per_step"]
     assert abs(visible["xla_flops_per_step_unrolled"] / visible["flops_per_step"] - 1) < 0.15
     assert "JAX default / PyTorch eager" in benchmark.format_table(results) or not torch_module
+    if torch_module:
+        assert {r["torch_device"] for r in results[-2:]} == {"cpu"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_torch_baselines_follow_jax_platforms():
+    """The baselines pick their device before JAX starts a backend; a platform JAX did not
+    take is an error, not a comparison across devices."""
+    assert benchmark.torch_device("cpu") == "cpu"
+    assert benchmark.torch_device("tpu,cpu") == "cpu"
+    benchmark.check_same_device([{"variant": "torch_eager", "torch_device": "cpu"}])  # JAX runs on the CPU here
+    with pytest.raises(RuntimeError, match="torch_sdpa ran on 'cuda' but JAX on 'cpu'"):
+        benchmark.check_same_device([{"variant": "torch_sdpa", "torch_device": "cuda"}])
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")

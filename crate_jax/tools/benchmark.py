@@ -328,27 +328,43 @@ def _device_peak_bytes() -> float | None:
     return float(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
 
 
-def torch_device() -> str:
-    """PyTorch runs where JAX runs: CUDA when JAX's backend is a GPU."""
-    return "cuda" if jax.default_backend() == "gpu" else "cpu"
+def torch_device(platforms: str) -> str:
+    """Where the PyTorch baselines run, decided in their own process before this one starts a
+    JAX backend: CUDA where PyTorch sees a GPU and `jax_platforms` (JAX_PLATFORMS) leaves JAX
+    free to take it too. The JAX rows then check that JAX did (`check_same_device`)."""
+    import torch
+
+    names = {p.strip() for p in platforms.split(",") if p.strip()}
+    jax_may_use_gpu = not names or bool(names & {"cuda", "gpu"})
+    return "cuda" if jax_may_use_gpu and torch.cuda.is_available() else "cpu"
 
 
-def measure_torch_subprocess(
-    config, module_name: str, variant: str, *, steps: int, warmup: int, peak_flops: float
-) -> dict[str, Any]:
+def check_same_device(torch_rows: list[dict[str, Any]]) -> None:
+    """The baselines ran on the platform JAX ran on (CUDA for a JAX GPU backend, else CPU)."""
+    expected = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    for row in torch_rows:
+        if row["torch_device"] != expected:
+            raise RuntimeError(
+                f"{row['variant']} ran on {row['torch_device']!r} but JAX on {jax.default_backend()!r}: "
+                "set JAX_PLATFORMS so that both run on the same device"
+            )
+
+
+def measure_torch_subprocess(config, module_name: str, variant: str, *, steps: int, warmup: int) -> dict[str, Any]:
     """One PyTorch baseline (torch_baselines.TORCH_VARIANTS) in a fresh process: PyTorch gets
     the allocator and threads it has by default, whatever this process did for JAX
     (`keep_freed_memory` slows PyTorch's allocations down several times over), and each
-    baseline its own peak memory."""
+    baseline its own peak memory. `run` times the baselines before JAX starts a backend here:
+    on a GPU JAX then holds 75% of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION), too little
+    left for an eager baseline at batch 256. `mfu` is filled in by `run`."""
     import multiprocessing
 
     from crate_jax import models
 
-    device = torch_device()
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         row = pool.apply(
             _measure_torch_child,
-            (config.to_json(), module_name, variant, dict(steps=steps, warmup=warmup, device=device)),
+            (config.to_json(), module_name, variant, dict(steps=steps, warmup=warmup), jax.config.jax_platforms or ""),
         )
     model = models.build(config.model.name, **_model_overrides(config.model, {}))
     # The release: every token through the CRATE encoder, ISTA as three products.
@@ -359,13 +375,13 @@ def measure_torch_subprocess(
         flops_per_step=model_flops,
         flops_per_image=model_flops / config.batch_size,
         ista_form=released.ista_form(config.batch_size),
-        mfu=model_flops / row["step_s"] / peak_flops,
-        peak_flops=peak_flops,
     )
     return row
 
 
-def _measure_torch_child(config_json: str, module_name: str, variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _measure_torch_child(
+    config_json: str, module_name: str, variant: str, kwargs: dict[str, Any], jax_platforms: str
+) -> dict[str, Any]:
     import sys
 
     import ml_collections
@@ -374,10 +390,11 @@ def _measure_torch_child(config_json: str, module_name: str, variant: str, kwarg
 
     sys.path.insert(0, os.getcwd())  # the repository root, for `tests.torch_reference`
     config = ml_collections.ConfigDict(json.loads(config_json))
-    row = torch_baselines.measure(config, module_name, variant, **kwargs)
-    accelerator = kwargs["device"] != "cpu"
+    device = torch_device(jax_platforms)
+    row = torch_baselines.measure(config, module_name, variant, device=device, **kwargs)
+    accelerator = device != "cpu"
     row["torch_matmul_peak_flops"] = torch_baselines.matmul_peak_flops(
-        kwargs["device"], 8192 if accelerator else PEAK_SIZE, "bfloat16" if accelerator else "float32"
+        device, 8192 if accelerator else PEAK_SIZE, "bfloat16" if accelerator else "float32"
     )
     return row
 
@@ -490,7 +507,13 @@ def run(
             raise ValueError(f"--torch_variants: {v!r} is not one of {TORCH_VARIANTS}")
     if config.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", config.matmul_precision)
-    env = environment(kept_freed_memory)
+    load_at_start = os.getloadavg()
+    torch_rows = []  # first: before this process starts a JAX backend (measure_torch_subprocess)
+    for v in torch_variants if torch_module else ():
+        torch_rows.append(measure_torch_subprocess(config, torch_module, v, steps=steps, warmup=warmup))
+        logging.info("%s: %.2f images/s", v, torch_rows[-1]["images_per_sec"])
+    env = environment(kept_freed_memory) | {"load_average": load_at_start}
+    check_same_device(torch_rows)
     peaks = device_peaks()
     peak = peaks["peak_flops"]
     logging.info("MFU against %.4g TFLOP/s (%s)", peak / 1e12, peaks["peak_flops_source"])
@@ -498,9 +521,7 @@ def run(
     for v in variants:
         results.append(measure_variant(config, v, steps=steps, warmup=warmup, peak_flops=peak, profile_dir=profile_dir))
         logging.info("%s: %.2f images/s", v, results[-1]["images_per_sec"])
-    for v in torch_variants if torch_module else ():
-        results.append(measure_torch_subprocess(config, torch_module, v, steps=steps, warmup=warmup, peak_flops=peak))
-        logging.info("%s: %.2f images/s", v, results[-1]["images_per_sec"])
+    results += torch_rows
     # On CPU the matmul rate again at the end: the machine may have been busier at the start.
     if jax.default_backend() == "cpu":
         again = device_peaks()
@@ -508,7 +529,7 @@ def run(
         peak = peaks["peak_flops"] = max(peak, again["peak_flops"])
     env["load_average_end"] = os.getloadavg()
     for r in results:
-        r["mfu"] *= r["peak_flops"] / peak
+        r["mfu"] = r["model_flops_per_step"] / r["step_s"] / peak
         r["peak_flops"] = peak
         r["peak_flops_source"] = peaks["peak_flops_source"]
         r["measured_matmul_peak_flops"] = peaks["measured"]
