@@ -1,7 +1,9 @@
-"""Ahead-of-time compiles of the real train step for TPU topologies, on this CPU host.
+"""Ahead-of-time compiles of the real train step for TPU topologies and NVIDIA GPUs, on this
+CPU host.
 
-Topology names are checked without libtpu; the compiles need it (the `tpu` extra) and are
-skipped, saying so, where it is missing.
+Topology names are checked without libtpu; the TPU compiles need it (the `tpu` extra), the GPU
+compiles JAX's CUDA plugin (the `gpu` extra, several GB, not in CI), and are skipped, saying so,
+where it is missing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
     reason='libtpu is not installed: pip install -e ".[tpu]" (libtpu==0.0.42.*) to compile for TPU topologies',
+)
+
+
+def _has_cuda_plugin() -> bool:
+    try:
+        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ModuleNotFoundError:  # no jax_plugins namespace at all
+        return False
+
+
+needs_cuda_plugin = pytest.mark.skipif(
+    not _has_cuda_plugin(),
+    reason='JAX\'s CUDA plugin is not installed: pip install -e ".[gpu]" to compile for GPUs without one',
 )
 
 
@@ -59,10 +74,32 @@ def test_chip_figures():
     }
 
 
-@pytest.mark.parametrize("bad", ["v5e", "v5e-3", "v4-7", "v9-8", "tpu-256", "v5e:2x2x2", "v4-96"])
+@pytest.mark.parametrize("bad", ["v5e", "v5e-3", "v4-7", "v9-8", "tpu-256", "v5e:2x2x2", "v4-96", "h200-12", "h300"])
 def test_bad_names(bad):
     with pytest.raises(ValueError):
         topologies.parse(bad)
+
+
+@pytest.mark.parametrize(
+    "name, accelerator_type, topology_name, gpus, hosts",
+    [("h200", "h200-1", "1x1x1", 1, 1), ("h200-8", "h200-8", "1x1x8", 8, 1), ("h100-16", "h100-16", "1x2x8", 16, 2)],
+)
+def test_gpu_names(name, accelerator_type, topology_name, gpus, hosts):
+    t = topologies.parse(name)
+    assert (t.accelerator_type, t.topology_name, t.chips, t.hosts, t.platform) == (
+        accelerator_type, topology_name, gpus, hosts, "gpu",
+    )  # fmt: skip
+    config = t.target_config()
+    assert f"device_memory_size: {t.chip.hbm_bytes}" in config and "core_count: 132" in config
+    assert t.chip.peak_bf16_flops == 989e12 and t.chip.hbm_bytes_per_s == (4.8e12 if name[:4] == "h200" else 3.35e12)
+    with pytest.raises(ValueError, match="GPU topologies"):
+        topologies.parse(name, num_slices=2)
+
+
+@pytest.mark.skipif(_has_cuda_plugin(), reason="the CUDA plugin is installed here")
+def test_gpu_compile_without_the_cuda_plugin_says_what_to_install():
+    with pytest.raises(RuntimeError, match=r"pip install -e '\.\[gpu\]'"):
+        topologies.parse("h200").devices()
 
 
 @needs_libtpu
@@ -171,3 +208,27 @@ def test_a_config_that_does_not_fit_exits_nonzero_with_the_compilers_message(tmp
     r = json.loads(out.read_text())
     assert r["fits"] is False and r["model"] == "crate_mae_large"
     assert r["required_bytes"] > r["available_bytes"] > 0
+
+
+@needs_cuda_plugin
+@pytest.mark.parametrize("attention, fused", [("auto", True), ("symmetric", False)])
+def test_cli_compiles_the_train_step_for_an_h200_without_one(tmp_path, attention, fused):
+    """bf16 on a GPU: `auto` is cuDNN's fused attention, and no B×K×N×N array is left in the
+    compiled program; XLA's symmetric form keeps them (the counter can fail)."""
+    out = tmp_path / "aot.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=tiny,runlocal",
+         "--config.model.dtype=bfloat16", f"--config.model.attention={attention}", "--topology=h200", f"--out={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert (r["topology"], r["device_kind"], r["chips"]) == ("h200-1", "NVIDIA H200", 1)
+    assert r["memory_per_chip"]["fits"] and r["memory_per_chip"]["temp_bytes"] > 0
+    assert r["fused_attention"]["attention"] == (["cudnn"] if fused else ["symmetric"])
+    assert (r["fused_attention"]["cudnn_calls_in_hlo"] > 0) == fused
+    assert (r["attention_matrices_in_hlo"] == 0) == fused
+    # No cost analysis from XLA:GPU without a device: the roofline counts model FLOPs and HLO bytes.
+    rl = r["roofline"]
+    assert rl["flops_per_chip"] == r["flops_per_step"] and rl["bytes_per_chip"] == r["hbm"]["bytes_per_chip"] > 0
+    assert rl["step_s"] == pytest.approx(max(rl["flops_per_chip"] / 989e12, rl["bytes_per_chip"] / 4.8e12))

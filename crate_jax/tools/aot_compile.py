@@ -16,6 +16,12 @@ the report adds the HBM side alone, from the memory spaces of the optimised HLO,
 largest sources (`crate_jax/tools/hlo_bytes.py`). A config that does not fit exits 1 with the
 compiler's message. `--dump_hlo=PATH` writes the optimised HLO.
 
+NVIDIA GPUs (`--topology=h200`, `h100-8`; tools/topologies.py) compile the same way without a
+GPU through JAX's CUDA plugin (`pip install -e ".[gpu]"`). XLA:GPU compiled so gives no cost
+analysis: the roofline takes the model FLOPs per GPU and the HBM bytes of the HLO's kernels
+(every kernel reads its operands from and writes its result to HBM), a count that leaves out
+L2 hits and what a kernel re-reads inside.
+
 XLA's cost analysis sees a Pallas kernel (a `tpu_custom_call`) as almost free, so the FLOPs and
 HBM bytes of the fused attention kernels are counted analytically (`fused_attention_cost`) and
 added to the compiled program's. It also counts a scanned loop body once: the roofline is
@@ -32,6 +38,9 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # CPU JAX for everything concrete; TPU only as a compile target
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU is opened, so no lockfile
+# GPU targets: JAX's CUDA plugin checks its CUDA libraries against a GPU's driver when it loads
+# (lazily, at the first backend or topology); compile-only, there may be no GPU to check against.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import collections  # noqa: E402
 import json  # noqa: E402
@@ -117,7 +126,18 @@ def attention_calls(config) -> list[tuple[int, int, int, str]]:
     return models.attention_calls(models.build(config.model.name, **overrides))
 
 
-def fused_attention_cost(config, mesh) -> dict:
+def attention_matrices(hlo_text: str, config) -> int:
+    """Instructions of the compiled step's entry computation whose result is shaped [..., N, N]
+    for an attention call's token count N: B×K×N×N probabilities, logits or their gradients in
+    HBM. Zero where every attention call runs fused (the fused kernels' padded counts are left
+    out: the Pallas kernel's row statistics, (B, K, 128, 128) at 128 tokens, would match)."""
+    counts = {tokens for tokens, *_ in attention_calls(config)}
+    square = re.compile(r"\[(?:\d+,)+(" + "|".join(map(str, sorted(counts))) + r"),\1\]")
+    results = (hlo_bytes.instruction_result(line) for line in hlo_bytes.entry_lines(hlo_text)[1:])
+    return sum(1 for result in results if result and square.search(result))
+
+
+def fused_attention_cost(config, mesh, platform: str = "tpu") -> dict:
     """FLOPs and HBM bytes per chip that XLA's cost analysis leaves out of the Pallas attention
     kernels in one train step (`attention.fused_flops` / `fused_bytes` with forward=False: the
     backward kernels and the forward's block re-reads; the forward kernel's cost estimate, which
@@ -128,7 +148,7 @@ def fused_attention_cost(config, mesh) -> dict:
     flops = bytes_ = 0.0
     impls = set()
     for tokens, heads, head_dim, kind in attention_calls(config):
-        impl = attention.resolve(config.model.attention, config.model.dtype, kind, on="tpu")
+        impl = attention.resolve(config.model.attention, config.model.dtype, kind, on=platform)
         impls.add(impl)
         if impl not in ("pallas_tpu",):
             continue
@@ -156,17 +176,17 @@ def _memory(compiled, hbm_bytes: int) -> dict[str, float]:
     }
 
 
-def model_flops_per_step(config) -> float:
+def model_flops_per_step(config, platform: str = "tpu") -> float:
     """Global FLOPs of one step: XLA's cost analysis of the step traced for one CPU device with
     unrolled layers, no remat and no gradient-accumulation loop (so no loop body is counted
     once and no recomputation is counted), i.e. the model FLOPs that MFU divides by."""
     config = config.copy_and_resolve_references()
     config.grad_accum_steps = 1
     config.model.scan_layers, config.model.remat = False, "none"
-    # The attention form the TPU step runs, or XLA's autodiff form (the same products) in place
-    # of a fused kernel, which would not lower on this CPU host.
+    # The attention form the accelerator's step runs, or XLA's autodiff form (the same products)
+    # in place of a fused kernel, which would not lower on this CPU host.
     kind = attention_calls(config)[0][3]  # "mssa" or "vit"
-    picked = attention.resolve(config.model.attention, config.model.dtype, kind, on="tpu")
+    picked = attention.resolve(config.model.attention, config.model.dtype, kind, on=platform)
     config.model.attention = "autodiff" if picked in ("pallas_tpu", "cudnn") else picked
     one_device = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape((1,) * len(sharding.MESH_AXES)), sharding.MESH_AXES)
     lowered, _ = lower_train_step(config, one_device)
@@ -203,21 +223,27 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True, dum
         cost = cost[0]
     compiled_flops = float(cost.get("flops", 0.0))
     compiled_bytes = float(cost.get("bytes accessed", 0.0))
-    flops = model_flops_per_step(config) if count_flops else compiled_flops * len(devices)
+    flops = model_flops_per_step(config, topology.platform) if count_flops else compiled_flops * len(devices)
     step_s = flops / (len(devices) * chip.peak_bf16_flops)
     params = sum(x.size for x in jax.tree.leaves(abstract.params))
     hlo = compiled.as_text()
     if dump_hlo:
         epath.Path(dump_hlo).write_text(hlo)
-    fused = fused_attention_cost(config, mesh)
+    fused = fused_attention_cost(config, mesh, topology.platform)
     fused["kernel_calls_in_hlo"] = hlo.count('custom_call_target="tpu_custom_call"')
-    roofline_flops = compiled_flops + fused["flops_per_chip"]
-    roofline_bytes = compiled_bytes + fused["bytes_per_chip"]
-    compute_s, memory_s = roofline_flops / chip.peak_bf16_flops, roofline_bytes / chip.hbm_bytes_per_s
+    fused["cudnn_calls_in_hlo"] = hlo.count('custom_call_target="__cudnn$fmha')
     # XLA's "bytes accessed" counts every operand, also those the TPU compiler keeps on chip
     # (layout S(1)); the HLO's memory spaces give the HBM side alone (tools/hlo_bytes.py).
     by_source = hlo_bytes.totals(hlo_bytes.bytes_by_source(hlo))
     hbm_bytes = sum(by_source.values()) + fused["bytes_per_chip"]
+    if compiled_bytes:
+        roofline_flops = compiled_flops + fused["flops_per_chip"]
+        roofline_bytes = compiled_bytes + fused["bytes_per_chip"]
+        counted_from = "XLA cost analysis (+ Pallas kernels counted analytically)"
+    else:  # XLA:GPU compiled without a device gives no cost analysis: model FLOPs, the HLO's bytes
+        roofline_flops, roofline_bytes = flops / len(devices), hbm_bytes
+        counted_from = "model FLOPs per chip; HBM bytes of the HLO's kernels (tools/hlo_bytes.py)"
+    compute_s, memory_s = roofline_flops / chip.peak_bf16_flops, roofline_bytes / chip.hbm_bytes_per_s
     return {
         "topology": topology.accelerator_type,
         "topology_name": topology.topology_name,
@@ -241,6 +267,7 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True, dum
         "step_time_at_peak_s": step_s,
         "images_per_sec_at_peak": config.batch_size / step_s if step_s else None,
         "collectives": count_collectives(hlo),
+        "attention_matrices_in_hlo": attention_matrices(hlo, config),
         "compile_s": compile_s,
         "compiled_bytes_accessed_per_chip": compiled_bytes,
         "fused_attention": fused,
@@ -252,6 +279,7 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True, dum
             "memory_s": memory_s,
             "step_s": max(compute_s, memory_s),
             "bound": "memory" if memory_s > compute_s else "compute",
+            "counted_from": counted_from,
             # XLA's cost analysis counts a loop body once: complete only for unrolled layers.
             "complete": not config.model.scan_layers and config.grad_accum_steps == 1,
         },
@@ -281,6 +309,8 @@ def format_report(r: dict) -> str:
             f"  step time at the bf16 peak ({r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s per chip): "
             f"{r['step_time_at_peak_s'] * 1e3:.3g} ms ({r['images_per_sec_at_peak']:.0f} images/s)",
             "  collectives in the compiled program: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
+            f"  B×K×N×N attention arrays in HBM: {r['attention_matrices_in_hlo']} instructions; cuDNN attention calls: "
+            f"{r['fused_attention']['cudnn_calls_in_hlo']}",
             f"  attention {'/'.join(r['fused_attention']['attention'])}: {r['fused_attention']['kernel_calls_in_hlo']} "
             f"Pallas kernel calls in the HLO, counted analytically as {r['fused_attention']['flops_per_chip']:.4g} "
             f"FLOPs and {r['fused_attention']['bytes_per_chip'] / 1e9:.3g} GB per chip",
@@ -324,7 +354,10 @@ def define_flags() -> None:
     # (tests) would otherwise define --config twice.
     config_flags.DEFINE_config_file("config", None, "Training configuration file.", lock_config=True)
     flags.DEFINE_string(
-        "topology", None, "Cloud TPU accelerator type (v5e-256, v4-128, v5p-128, v6e-256) or v5e:16x16."
+        "topology",
+        None,
+        "Cloud TPU accelerator type (v5e-256, v4-128, v5p-128, v6e-256), v5e:16x16, or GPUs (h200, h100-8; "
+        "compiled for without one, needs the gpu extra).",
     )
     flags.DEFINE_integer("num_slices", 1, "Number of slices (multislice over DCN).")
     flags.DEFINE_string("out", None, "Write the report as JSON here (local or gs://).")

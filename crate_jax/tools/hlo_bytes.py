@@ -78,7 +78,7 @@ def _moved_bytes(out_type: str) -> int:
     return _bytes(dtype, dims)
 
 
-def _entry_lines(hlo_text: str) -> list[str]:
+def entry_lines(hlo_text: str) -> list[str]:
     lines = hlo_text.splitlines()
     for i, line in enumerate(lines):
         if line.startswith("ENTRY "):
@@ -89,6 +89,12 @@ def _entry_lines(hlo_text: str) -> list[str]:
                 body.append(rest)
             return [line, *body]
     raise ValueError("no ENTRY computation in the HLO text")
+
+
+def instruction_result(line: str) -> str | None:
+    """The result type of an HLO instruction line (`%x = bf16[8,197,197]{...} fusion(...)`)."""
+    m = _INSTR_RE.match(line)
+    return m.group(2) if m else None
 
 
 def _parameters(signature: str, hbm_only: bool) -> dict[str, int]:
@@ -122,7 +128,7 @@ def source(op_name: str) -> tuple[str, str]:
 def bytes_by_source(hlo_text: str, hbm_only: bool = True) -> dict[str, dict[str, float]]:
     """{group: {"forward": bytes, "backward": bytes, "step": bytes}} for the entry computation.
     `hbm_only=False` counts on-chip arrays too, as XLA's cost analysis does."""
-    lines = _entry_lines(hlo_text)
+    lines = entry_lines(hlo_text)
     sizes = _parameters(lines[0], hbm_only)
     groups: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.defaultdict(float))
     origin = {name: (ARGUMENTS, "step") for name in sizes}
