@@ -133,7 +133,8 @@ def test_auto_follows_the_mesh_platform():
     """An ahead-of-time compile for a TPU topology traces on a CPU host: `auto` must see the
     mesh's (abstract) TPU devices, not the host's backend."""
     device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
-    tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=device)
+    auto = (jax.sharding.AxisType.Auto,)  # as sharding.make_mesh's meshes (AbstractMesh's default changes after 0.11.0)
+    tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=device)
     assert attention.platform() == "cpu"
     with jax.sharding.use_abstract_mesh(tpu_mesh):
         assert attention.platform() == "tpu"

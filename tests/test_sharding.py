@@ -20,7 +20,8 @@ from crate_jax import models, optim, sharding, step
 
 
 def _mesh(data=8, fsdp=1, tensor=2):
-    return AbstractMesh((1, data, fsdp, tensor), sharding.MESH_AXES)
+    # Auto axes, as `sharding.make_mesh`'s Mesh has (AbstractMesh's default became Explicit after jax 0.11.0).
+    return AbstractMesh((1, data, fsdp, tensor), sharding.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
 
 def _shardings(mesh, shapes_and_specs, axes=("data",)):
