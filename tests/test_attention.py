@@ -30,18 +30,18 @@ def _loss(fn):
     return lambda u: jnp.sum(fn(u) * jnp.arange(u.shape[1], dtype=u.dtype)[None, :, None, None] ** 0.5)
 
 
-@pytest.mark.parametrize("tokens", [197, 50, 128])
-def test_padded_keys_are_masked_exactly(tokens):
-    """The cuDNN path's padding (zeros to a multiple of 128, `key_value_seq_lengths` = N, query
+@pytest.mark.parametrize("tokens, multiple", [(197, 128), (50, 128), (128, 128), (197, 2)])
+def test_padded_keys_are_masked_exactly(tokens, multiple):
+    """The cuDNN path's padding (zeros to a multiple of 128 or 2, `key_value_seq_lengths` = N, query
     rows unmasked, sliced after) through XLA's implementation: output and gradient agree with
     the unpadded attention to fp32 rounding, and the padding really happened."""
     u = _u(tokens=tokens)
-    padded = lambda x: attention.padded_dot_product(x, x, x, 0.25, "xla")  # noqa: E731
+    padded = lambda x: attention.padded_dot_product(x, x, x, 0.25, "xla", multiple)  # noqa: E731
     plain = lambda x: attention.mssa(x, 0.25, "symmetric")  # noqa: E731
     assert rel(padded(u), plain(u)) < 1e-6
     assert rel(jax.grad(_loss(padded))(u), jax.grad(_loss(plain))(u)) < 1e-6
     lowered = jax.jit(padded).lower(u).as_text()
-    padded_to = -(-tokens // attention.CUDNN_TOKEN_MULTIPLE) * attention.CUDNN_TOKEN_MULTIPLE
+    padded_to = -(-tokens // multiple) * multiple
     assert f"{padded_to}x" in lowered
 
 
@@ -161,6 +161,8 @@ def test_bad_names_fail_with_the_config_key():
         models.build("mae_vit_base", attention="symmetric")  # q != k in a ViT
     with pytest.raises(ValueError, match="model.attention='flash'"):
         models.build("crate_mae_tiny", attention="flash")
+    with pytest.raises(ValueError, match="model.cudnn_token_multiple=0 must be a positive integer"):
+        models.build("mae_vit_base", cudnn_token_multiple=0)
     model = models.build("crate_mae_tiny", attention="cudnn", **TINY)  # fp32: cuDNN has no fp32 kernel
     with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype bfloat16"):
         model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
@@ -181,8 +183,8 @@ def _cudnn_through_xla(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_base"])
-def test_cudnn_path_in_bf16_against_fp32(monkeypatch, name):
+@pytest.mark.parametrize("name, multiple", [("crate_mae_tiny", 128), ("mae_vit_base", 128), ("crate_mae_tiny", 2)])
+def test_cudnn_path_in_bf16_against_fp32(monkeypatch, name, multiple):
     """The cuDNN implementation's whole path (bf16, padding, masks) within the GPU test's
     tolerances of the fp32 default: loss 1e-2 relative, predictions 5e-2."""
     size = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4) if name == "mae_vit_base" else TINY
@@ -192,15 +194,17 @@ def test_cudnn_path_in_bf16_against_fp32(monkeypatch, name):
     params = ref_model.init(jax.random.key(0), images)["params"]
     ref = ref_model.apply({"params": params}, images, noise=noise)
     calls = _cudnn_through_xla(monkeypatch)
-    out = models.build(name, attention="auto", dtype="bfloat16", **size).apply({"params": params}, images, noise=noise)
-    assert calls and all(c[0] == "cudnn" and c[1][1] % 128 == 0 and c[2] for c in calls)
+    model = models.build(name, attention="auto", dtype="bfloat16", cudnn_token_multiple=multiple, **size)
+    out = model.apply({"params": params}, images, noise=noise)
+    # 65 tokens: padded to 128, or to 66 with multiple 2 (the padded keys masked either way)
+    assert calls and all(c[0] == "cudnn" and c[1][1] == -(-65 // multiple) * multiple and c[2] for c in calls)
     assert rel(out.loss, ref.loss) < 1e-2
     assert rel(out.pred, ref.pred) < 5e-2
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_base"])
-def test_cudnn_kernel_on_gpu_against_fp32(name):
+@pytest.mark.parametrize("name, multiple", [("crate_mae_tiny", 128), ("mae_vit_base", 128), ("crate_mae_tiny", 2)])
+def test_cudnn_kernel_on_gpu_against_fp32(name, multiple):
     size = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4) if name == "mae_vit_base" else TINY
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
     noise = np.random.default_rng(1).uniform(size=(4, 64)).astype(np.float32)
@@ -212,7 +216,8 @@ def test_cudnn_kernel_on_gpu_against_fp32(name):
         return jax.jit(jax.value_and_grad(fn))(params), model.apply({"params": params}, images, noise=noise).pred
 
     (ref_loss, ref_grad), ref_pred = loss_and_grad(ref_model)
-    (loss, grad), pred = loss_and_grad(models.build(name, attention="cudnn", dtype="bfloat16", **size))
+    cudnn = models.build(name, attention="cudnn", dtype="bfloat16", cudnn_token_multiple=multiple, **size)
+    (loss, grad), pred = loss_and_grad(cudnn)
     assert rel(loss, ref_loss) < 1e-2
     assert rel(pred, ref_pred) < 5e-2
     assert rel(jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad)]),

@@ -41,7 +41,9 @@ ATTENTION_IMPLS = MSSA_IMPLS  # every name some model takes
 # cuDNN's flash kernels work in 64/128-token tiles. Padding to whole 128-token tiles means no
 # tile is partly out of range (197 -> 256, the visible-only encoder's 50 -> 128); the cuDNN
 # bugs reported around partial tiles (e.g. pytorch#196678, seq_len % 128 == 64 with a mask)
-# cannot be reached.
+# cannot be reached. The default of the models' `cudnn_token_multiple`; 2 is the least JAX's
+# cuDNN wrapper takes in training (it rejects an odd count: 197 -> 198, 50 unpadded), 7% fewer
+# HBM bytes in the compiled CRATE-MAE-B step on an H200, but unverified on a GPU (README).
 CUDNN_TOKEN_MULTIPLE = 128
 # The Pallas TPU kernel's blocks are 128 tokens (`BlockSizes.get_default`, MIN_BLOCK_SIZE).
 PALLAS_TOKEN_MULTIPLE = 128
@@ -167,14 +169,14 @@ def padded_dot_product(q, k, v, scale: float, implementation: str, multiple: int
     return out[:, :n]
 
 
-def _cudnn(q, k, v, scale: float):
+def _cudnn(q, k, v, scale: float, multiple: int = CUDNN_TOKEN_MULTIPLE):
     if jnp.dtype(q.dtype).name not in _HALF:
         raise ValueError(
             f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused kernel), got {q.dtype}"
         )
     if platform() != "gpu":
         raise ValueError(f"model.attention='cudnn' runs on CUDA GPUs only, not on {platform()!r}")
-    return padded_dot_product(q, k, v, scale, "cudnn")
+    return padded_dot_product(q, k, v, scale, "cudnn", multiple)
 
 
 def _flash_local(q_BxKxNxP, k_BxKxNxP, v_BxKxNxP, scale: float):
@@ -220,8 +222,11 @@ def _divides(axes, mesh, size: int):
     return kept if kept and size % shards == 0 else None
 
 
-def mssa(u_BxNxKxP: jax.Array, scale: float, implementation: str) -> jax.Array:
-    """softmax(u uᵀ · scale) u, (B, N, K, P) -> (B, N, K, P); `implementation` resolved."""
+def mssa(
+    u_BxNxKxP: jax.Array, scale: float, implementation: str, cudnn_multiple: int = CUDNN_TOKEN_MULTIPLE
+) -> jax.Array:
+    """softmax(u uᵀ · scale) u, (B, N, K, P) -> (B, N, K, P); `implementation` resolved;
+    `cudnn_multiple`: the token count cuDNN's kernel gets is padded to a multiple of it."""
     if implementation in ("symmetric", "autodiff"):
         u_BxKxNxP = heads_major(u_BxNxKxP)
         if implementation == "symmetric":
@@ -229,7 +234,7 @@ def mssa(u_BxNxKxP: jax.Array, scale: float, implementation: str) -> jax.Array:
         else:
             out_BxKxNxP = _softmax_attention(u_BxKxNxP, scale)[0]
         return out_BxKxNxP.transpose(0, 2, 1, 3)
-    return attend(u_BxNxKxP, u_BxNxKxP, u_BxNxKxP, scale, implementation, dtype=u_BxNxKxP.dtype)
+    return attend(u_BxNxKxP, u_BxNxKxP, u_BxNxKxP, scale, implementation, u_BxNxKxP.dtype, cudnn_multiple)
 
 
 def written_out(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -240,14 +245,22 @@ def written_out(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float, dtype) -> tuple[j
     return jnp.einsum("bkqs,bskp->bqkp", attn_BxKxNxN.astype(dtype), v_BxNxKxP), attn_BxKxNxN
 
 
-def attend(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float, implementation: str, dtype) -> jax.Array:
+def attend(
+    q_BxNxKxP,
+    k_BxNxKxP,
+    v_BxNxKxP,
+    scale: float,
+    implementation: str,
+    dtype,
+    cudnn_multiple: int = CUDNN_TOKEN_MULTIPLE,
+) -> jax.Array:
     """softmax(q kᵀ · scale) v, (B, N, K, P) each -> (B, N, K, P); `implementation` resolved."""
     if implementation == "autodiff":
         return written_out(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale, dtype)[0]
     if implementation == "dot_product":
         return jax.nn.dot_product_attention(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale=scale, implementation="xla")
     if implementation == "cudnn":
-        return _cudnn(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale)
+        return _cudnn(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale, cudnn_multiple)
     if implementation == "pallas_tpu":
         return _pallas_tpu(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale)
     raise ValueError(f"attention implementation {implementation!r} does not apply here")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from crate_jax.models import attention
+from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE
 from crate_jax.models.layers import (
     ACT_BATCH,
     ACT_EMBED,
@@ -69,6 +70,7 @@ class MSSA(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE  # cuDNN's token padding (models/attention.py)
 
     @nn.compact
     def __call__(self, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -90,7 +92,8 @@ class MSSA(nn.Module):
             u_BxNxD.reshape(b, n, self.num_heads, head_dim), (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)
         )
         scale = head_dim**-0.5
-        out_BxNxD = attention.mssa(u_BxNxKxP, scale, implementation).reshape(b, n, self.width)
+        out_BxNxD = attention.mssa(u_BxNxKxP, scale, implementation, self.cudnn_token_multiple)
+        out_BxNxD = out_BxNxD.reshape(b, n, self.width)
         # Only for analysis (capture=True); unused, XLA drops it.
         attn_BxKxNxN = jax.lax.stop_gradient(_softmax_attention(attention.heads_major(u_BxNxKxP), scale)[1])
         if self.num_heads > 1:  # the release uses the identity when K = 1
@@ -183,6 +186,7 @@ class EncoderLayer(nn.Module):
     ista_lambda: float = 0.5
     ista_fused: bool = True
     attention: str = "auto"  # MSSA's implementation (ATTENTION_IMPLS)
+    cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE
     capture: bool = False
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
@@ -192,7 +196,15 @@ class EncoderLayer(nn.Module):
     def __call__(self, z_BxNxD: jax.Array, drop_path_rate: float | jax.Array | None = None) -> tuple[jax.Array, dict]:
         z_BxNxD = constrain(z_BxNxD)
         ln = lambda name: layer_norm(LAYER_NORM_EPS, self.dtype, self.param_dtype, name)  # noqa: E731
-        mssa = MSSA(self.width, self.num_heads, self.dtype, self.param_dtype, self.attention, name="mssa")
+        mssa = MSSA(
+            self.width,
+            self.num_heads,
+            self.dtype,
+            self.param_dtype,
+            self.attention,
+            self.cudnn_token_multiple,
+            name="mssa",
+        )
         attn_out, attn, qkv = mssa(ln("norm1")(z_BxNxD))
         if drop_path_rate is not None and not self.deterministic:
             attn_out = drop_path(attn_out, drop_path_rate, self.make_rng("dropout"))
@@ -217,6 +229,7 @@ class DecoderLayer(nn.Module):
     width: int
     num_heads: int
     attention: str = "auto"  # MSSA's implementation (ATTENTION_IMPLS)
+    cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE
     capture: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -235,7 +248,15 @@ class DecoderLayer(nn.Module):
             kernel_init=nn.with_logical_partitioning(torch_kaiming_uniform, (MLP, EMBED)),
             name="linear",
         )(ln("norm1")(z_BxNxD))
-        mssa = MSSA(self.width, self.num_heads, self.dtype, self.param_dtype, self.attention, name="mssa")
+        mssa = MSSA(
+            self.width,
+            self.num_heads,
+            self.dtype,
+            self.param_dtype,
+            self.attention,
+            self.cudnn_token_multiple,
+            name="mssa",
+        )
         attn_out, attn, qkv = mssa(ln("norm2")(z_half))
         z_next = constrain(z_half - attn_out)
         aux = {"attn": attn, "qkv": qkv, "out": z_next} if self.capture else {}

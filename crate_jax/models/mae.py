@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE
 from crate_jax.models.crate import DecoderLayer, EncoderLayer, layer_norm
 from crate_jax.models.layers import (
     EMBED,
@@ -147,6 +148,7 @@ class _MAEBase(nn.Module):
     remat: str = "none"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE  # cuDNN attention's token padding (models/attention.py)
 
     @property
     def grid_size(self) -> int:
@@ -320,7 +322,8 @@ class CrateMAE(_MAEBase):
             cls = jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width)) + pos[:1]
             x = jnp.concatenate([cls, x], axis=1)
 
-        layer = dict(width=self.width, num_heads=self.num_heads, attention=self.attention)
+        attention = dict(attention=self.attention, cudnn_token_multiple=self.cudnn_token_multiple)
+        layer = dict(width=self.width, num_heads=self.num_heads, **attention)
         z, enc_aux = self._stack(
             EncoderLayer,
             dict(layer, ista_step=self.ista_step, ista_lambda=self.ista_lambda, ista_fused=self.ista_fused),
@@ -343,7 +346,7 @@ class CrateMAE(_MAEBase):
         decoder_num_heads = self.decoder_num_heads or self.num_heads
         y, dec_aux = self._stack(
             DecoderLayer,
-            dict(width=self.width, num_heads=decoder_num_heads, attention=self.attention),
+            dict(width=self.width, num_heads=decoder_num_heads, **attention),
             self.decoder_depth,
             capture,
             "decoder",
@@ -381,7 +384,7 @@ class ViTMAE(_MAEBase):
         x = jnp.take_along_axis(x + pos[1:], ids_keep[..., None], axis=1)
         cls = jnp.broadcast_to(self._token("cls_token", self.width).astype(x.dtype) + pos[:1], (batch, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
-        block = dict(mlp_ratio=self.mlp_ratio, attention=self.attention)
+        block = dict(mlp_ratio=self.mlp_ratio, attention=self.attention, cudnn_token_multiple=self.cudnn_token_multiple)
         z, enc_aux = self._stack(
             ViTBlock, dict(block, width=self.width, num_heads=self.num_heads), self.depth, capture, "encoder"
         )(x)

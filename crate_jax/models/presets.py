@@ -63,6 +63,7 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
 COMMON_OVERRIDES = (
     "image_size", "patch_size", "width", "depth", "num_heads", "decoder_depth", "decoder_num_heads",
     "mask_ratio", "norm_pix_loss", "loss_patches", "scan_layers", "remat", "dtype", "param_dtype",
+    "cudnn_token_multiple",
 )  # fmt: skip
 CRATE_OVERRIDES = COMMON_OVERRIDES + (
     "ista_step", "ista_lambda", "ista_fused", "encoder_tokens", "attention",
@@ -111,6 +112,9 @@ def model_fields(name: str, **overrides) -> tuple[type, dict[str, Any]]:
     impls = MSSA_IMPLS if cls is CrateMAE else VIT_IMPLS
     if fields.get("attention", "auto") not in impls:
         raise ValueError(f"model.attention={fields['attention']!r} is not one of {impls} for {name}")
+    multiple = fields.get("cudnn_token_multiple", 128)
+    if not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"model.cudnn_token_multiple={multiple!r} must be a positive integer")
     if fields.get("loss_patches", "masked") not in LOSS_PATCHES:
         raise ValueError(f"model.loss_patches={fields['loss_patches']!r} is not one of {LOSS_PATCHES}")
     if not 0.0 <= fields["mask_ratio"] < 1.0:

@@ -43,6 +43,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
+    cudnn_token_multiple: int = attention_impls.CUDNN_TOKEN_MULTIPLE  # cuDNN's token padding
 
     @nn.compact
     def __call__(self, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -61,7 +62,7 @@ class Attention(nn.Module):
         scale = head_dim**-0.5
         out, attn_BxKxNxN = attention_impls.written_out(q, k, v, scale, self.dtype)
         if implementation != "autodiff":
-            out = attention_impls.attend(q, k, v, scale, implementation, self.dtype)
+            out = attention_impls.attend(q, k, v, scale, implementation, self.dtype, self.cudnn_token_multiple)
             attn_BxKxNxN = jax.lax.stop_gradient(attn_BxKxNxN)  # for capture only; unused, XLA drops it
         out = out.reshape(b, n, self.width)
         out = dense(self.width, (HEADS, EMBED), self.dtype, self.param_dtype, "proj")(out)
@@ -73,6 +74,7 @@ class ViTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     attention: str = "auto"  # the attention's implementation (models.attention.VIT_IMPLS)
+    cudnn_token_multiple: int = attention_impls.CUDNN_TOKEN_MULTIPLE
     capture: bool = False
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
@@ -88,7 +90,15 @@ class ViTBlock(nn.Module):
                 return branch
             return drop_path(branch, drop_path_rate, self.make_rng("dropout"))
 
-        attention = Attention(self.width, self.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")
+        attention = Attention(
+            self.width,
+            self.num_heads,
+            self.dtype,
+            self.param_dtype,
+            self.attention,
+            self.cudnn_token_multiple,
+            name="attn",
+        )
         attn_out, attn = attention(ln("norm1")(x_BxNxD))
         x_BxNxD = x_BxNxD + residual(attn_out)
         hidden = int(self.width * self.mlp_ratio)

@@ -71,6 +71,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "attn_autodiff": {"attention": "autodiff"},
     "attn_dot_product": {"attention": "dot_product"},
     "attn_cudnn": {"attention": "cudnn"},
+    "attn_cudnn_even": {"attention": "cudnn", "cudnn_token_multiple": 2},  # 197 -> 198 tokens, not 256
     "attn_pallas_tpu": {"attention": "pallas_tpu"},
 }
 
