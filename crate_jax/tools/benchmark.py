@@ -32,6 +32,7 @@ prints the kernels that took the most time.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -463,6 +464,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in results:
+        if "error" in r:
+            lines.append(f"{r['variant']:<22} failed: {r['error'][:200]}")
+            continue
         temp = r.get("memory_per_device", {}).get("temp_bytes")
         lines.append(
             f"{r['variant']:<22} {r['images_per_sec']:>8.2f} {1e3 * r['step_s']:>9.1f} "
@@ -477,7 +481,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"{results[0]['measured_matmul_peak_flops'] / 1e12:.4g} TFLOP/s; {env['devices']} {env['backend']} "
             f"device(s); load average {env['load_average'][0]:.1f} -> {env['load_average_end'][0]:.1f}"
         )
-    by_name = {r["variant"]: r for r in results}
+    by_name = {r["variant"]: r for r in results if "error" not in r}
     for torch_variant in ("torch_eager", "torch_sdpa", "torch_compile"):
         if "default" in by_name and torch_variant in by_name:
             ratio = by_name["default"]["images_per_sec"] / by_name[torch_variant]["images_per_sec"]
@@ -486,6 +490,18 @@ def format_table(results: list[dict[str, Any]]) -> str:
         ratio = by_name["visible"]["images_per_sec"] / by_name["default"]["images_per_sec"]
         lines.append(f"visible-only / all-token encoder: {ratio:.2f}x")
     return "\n".join(lines)
+
+
+def _measured(variant: str, measure) -> dict[str, Any]:
+    """`measure()`'s row, or where it raised a row that says so: one variant that fails (a
+    kernel this GPU does not take, say) leaves the others' figures standing."""
+    try:
+        row = measure()
+    except Exception as e:  # noqa: BLE001 - reported in the row and by the exit status
+        logging.exception("%s failed", variant)
+        return {"variant": variant, "error": f"{type(e).__name__}: {e}"}
+    logging.info("%s: %.2f images/s", variant, row["images_per_sec"])
+    return row
 
 
 def run(
@@ -511,17 +527,19 @@ def run(
     load_at_start = os.getloadavg()
     torch_rows = []  # first: before this process starts a JAX backend (measure_torch_subprocess)
     for v in torch_variants if torch_module else ():
-        torch_rows.append(measure_torch_subprocess(config, torch_module, v, steps=steps, warmup=warmup))
-        logging.info("%s: %.2f images/s", v, torch_rows[-1]["images_per_sec"])
+        measure = functools.partial(measure_torch_subprocess, config, torch_module, v, steps=steps, warmup=warmup)
+        torch_rows.append(_measured(v, measure))
     env = environment(kept_freed_memory) | {"load_average": load_at_start}
-    check_same_device(torch_rows)
+    check_same_device([r for r in torch_rows if "error" not in r])
     peaks = device_peaks()
     peak = peaks["peak_flops"]
     logging.info("MFU against %.4g TFLOP/s (%s)", peak / 1e12, peaks["peak_flops_source"])
     results = []
     for v in variants:
-        results.append(measure_variant(config, v, steps=steps, warmup=warmup, peak_flops=peak, profile_dir=profile_dir))
-        logging.info("%s: %.2f images/s", v, results[-1]["images_per_sec"])
+        measure = functools.partial(
+            measure_variant, config, v, steps=steps, warmup=warmup, peak_flops=peak, profile_dir=profile_dir
+        )
+        results.append(_measured(v, measure))
     results += torch_rows
     # On CPU the matmul rate again at the end: the machine may have been busier at the start.
     if jax.default_backend() == "cpu":
@@ -530,7 +548,8 @@ def run(
         peak = peaks["peak_flops"] = max(peak, again["peak_flops"])
     env["load_average_end"] = os.getloadavg()
     for r in results:
-        r["mfu"] = r["model_flops_per_step"] / r["step_s"] / peak
+        if "error" not in r:
+            r["mfu"] = r["model_flops_per_step"] / r["step_s"] / peak
         r["peak_flops"] = peak
         r["peak_flops_source"] = peaks["peak_flops_source"]
         r["measured_matmul_peak_flops"] = peaks["measured"]
@@ -558,6 +577,8 @@ def main(argv):
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(results, f, indent=2)
+    if failed := [r["variant"] for r in results if "error" in r]:
+        raise SystemExit(f"failed: {', '.join(failed)} (the others' rows are in the table and --out)")
 
 
 def define_flags() -> None:
