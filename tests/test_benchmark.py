@@ -203,3 +203,18 @@ def test_torch_sdpa_baseline_computes_the_released_model(name):
     with torch.no_grad():
         a, b = eager(images, noise)["loss"], sdpa(images, noise)["loss"]
     assert abs(a.item() - b.item()) <= 1e-5 * abs(a.item())
+
+
+def test_kernel_profile_ranks_the_traced_steps_ops(tmp_path):
+    """`--profile`: a trace of a few steps is written and its XLA ops come back ranked by time."""
+    import glob
+
+    from crate_jax.tools import kernel_profile
+
+    step = jax.jit(lambda x: (jnp.tanh(x @ x), {"loss": jnp.sum(x)}))
+    state, top = kernel_profile.profile_steps(step, jnp.ones((256, 256)), str(tmp_path), steps=2, top=5)
+    assert state.shape == (256, 256)
+    assert glob.glob(f"{tmp_path}/**/*.trace.json.gz", recursive=True)
+    assert 0 < len(top) <= 5 and all(t["s_per_step"] > 0 for t in top)
+    assert [t["s_per_step"] for t in top] == sorted((t["s_per_step"] for t in top), reverse=True)
+    assert not any(t["name"].startswith("$") for t in top)  # Python frames are left out on CPU

@@ -170,6 +170,12 @@ def drop_path(x_BxNxD: jax.Array, rate: float | jax.Array, key: jax.Array) -> ja
     return (x_BxNxD * scale_Bx1x1).astype(x_BxNxD.dtype)  # scaled in fp32: 1 / 0.9 is far from exact in bf16
 
 
+def _mssa(layer: EncoderLayer | DecoderLayer) -> MSSA:
+    """The layer's MSSA from the layer's own fields (called inside its compact `__call__`)."""
+    fields = (layer.width, layer.num_heads, layer.dtype, layer.param_dtype, layer.attention)
+    return MSSA(*fields, cudnn_token_multiple=layer.cudnn_token_multiple, name="mssa")
+
+
 class EncoderLayer(nn.Module):
     """Z + MSSA(LN1(Z)), then an ISTA step on LN2 of that (the skip is from the normalised Y).
 
@@ -196,15 +202,7 @@ class EncoderLayer(nn.Module):
     def __call__(self, z_BxNxD: jax.Array, drop_path_rate: float | jax.Array | None = None) -> tuple[jax.Array, dict]:
         z_BxNxD = constrain(z_BxNxD)
         ln = lambda name: layer_norm(LAYER_NORM_EPS, self.dtype, self.param_dtype, name)  # noqa: E731
-        mssa = MSSA(
-            self.width,
-            self.num_heads,
-            self.dtype,
-            self.param_dtype,
-            self.attention,
-            self.cudnn_token_multiple,
-            name="mssa",
-        )
+        mssa = _mssa(self)
         attn_out, attn, qkv = mssa(ln("norm1")(z_BxNxD))
         if drop_path_rate is not None and not self.deterministic:
             attn_out = drop_path(attn_out, drop_path_rate, self.make_rng("dropout"))
@@ -248,15 +246,7 @@ class DecoderLayer(nn.Module):
             kernel_init=nn.with_logical_partitioning(torch_kaiming_uniform, (MLP, EMBED)),
             name="linear",
         )(ln("norm1")(z_BxNxD))
-        mssa = MSSA(
-            self.width,
-            self.num_heads,
-            self.dtype,
-            self.param_dtype,
-            self.attention,
-            self.cudnn_token_multiple,
-            name="mssa",
-        )
+        mssa = _mssa(self)
         attn_out, attn, qkv = mssa(ln("norm2")(z_half))
         z_next = constrain(z_half - attn_out)
         aux = {"attn": attn, "qkv": qkv, "out": z_next} if self.capture else {}

@@ -27,7 +27,7 @@ step time and `peak_flops`: the device's spec dense bf16 peak on GPUs and TPUs
 2048³ on CPU). `peak_memory_bytes`: the compiled step's arguments + outputs + temporaries per
 device for JAX, `torch.cuda.max_memory_allocated` (or the process's peak RSS on CPU) for PyTorch.
 `--profile=DIR` traces a few steps of each variant (a TensorBoard / Perfetto trace in DIR) and
-prints the kernels that took the most time.
+prints the kernels that took the most time (`tools/kernel_profile.py`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from crate_jax.host_memory import keep_freed_memory
+from crate_jax.tools import kernel_profile
 
 FLAGS = flags.FLAGS
 
@@ -270,7 +271,8 @@ def measure_variant(
         loss = float(metrics["loss"])
         top_kernels = None
         if profile_dir:
-            state, top_kernels = profile_steps(lambda s: compiled(s, batch), state, f"{profile_dir}/{variant}")
+            step_fn = lambda s: compiled(s, batch)  # noqa: E731
+            state, top_kernels = kernel_profile.profile_steps(step_fn, state, f"{profile_dir}/{variant}")
         kind = "mssa" if isinstance(model, models.CrateMAE) else "vit"
         resolved = attention.resolve(model.attention, model.dtype, kind)
     xla_unrolled = None
@@ -399,44 +401,6 @@ def _measure_torch_child(
         device, 8192 if accelerator else PEAK_SIZE, "bfloat16" if accelerator else "float32"
     )
     return row
-
-
-_HOST_EVENTS = (
-    "ThunkExecutor::Execute",
-    "PjitFunction(jit(step))",
-    "CommonPjRtLoadedExecutable::ExecuteHelperOnSingleDevice",
-)
-
-
-def profile_steps(step_fn, state, log_dir: str, steps: int = 3, top: int = 15):
-    """Run `steps` more steps under the JAX profiler (a trace in `log_dir`, with a Perfetto
-    trace beside it) and sum the trace's op / kernel events by name: the `top` longest."""
-    import glob
-    import gzip
-
-    jax.block_until_ready(state)
-    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
-        for _ in range(steps):
-            state, metrics = step_fn(state)
-        jax.block_until_ready((state, metrics))
-    totals: dict[str, float] = {}
-    for path in glob.glob(f"{log_dir}/**/*.trace.json.gz", recursive=True):
-        with gzip.open(path, "rt") as f:
-            trace = json.load(f)
-        events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
-        names = {e["pid"]: e["args"].get("name", "") for e in events if e.get("name") == "process_name"}
-        device = {p for p, n in names.items() if "/device:" in n}
-        for e in events:
-            if e.get("ph") != "X" or "dur" not in e or (device and e.get("pid") not in device):
-                continue
-            if not device and (e["name"].startswith("$") or e["name"].split()[0] in _HOST_EVENTS):
-                continue  # CPU backend: keep XLA's ops, drop Python frames and executor wrappers
-            totals[e["name"]] = totals.get(e["name"], 0.0) + e["dur"] * 1e-6 / steps
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    print(f"top {len(ranked)} by time per step in {log_dir}:")
-    for name, secs in ranked:
-        print(f"  {secs * 1e3:10.3f} ms  {name[:100]}")
-    return state, [{"name": n, "s_per_step": t} for n, t in ranked]
 
 
 ENV_VARS = ("XLA_FLAGS", "LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES", "JAX_PLATFORMS")
