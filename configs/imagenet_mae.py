@@ -116,6 +116,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # cuDNN pads the tokens to a multiple of this (128: whole tiles, the measured path; 2: the
     # least JAX takes in training, 197 -> 198, fewer bytes, unverified on a GPU; README).
     config.model.cudnn_token_multiple = 128
+    # How each LayerNorm's backward is written, not what it computes (models/layer_norm.py):
+    # auto (saved_stats on GPUs: fewer HBM bytes there; autodiff elsewhere) | autodiff | saved_stats.
+    config.model.layer_norm_form = "auto"
     if name.startswith("crate_mae"):
         config.model.encoder_tokens = "all"  # "visible": the efficient variant (needs its own pretraining)
         config.model.ista_step = 0.1

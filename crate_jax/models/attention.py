@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crate_jax.models.layer_norm import trace_platform
 from crate_jax.models.layers import ACT_BATCH, ACT_HEADS, ACT_LENGTH
 
 MSSA_IMPLS = ("auto", "symmetric", "autodiff", "dot_product", "cudnn", "pallas_tpu")
@@ -70,13 +71,8 @@ AUTO = {
 
 
 def platform() -> str:
-    """The platform the current trace targets: the context mesh's devices (`jax.set_mesh`;
-    abstract TPU devices in an ahead-of-time compile), else JAX's default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = getattr(mesh, "abstract_device", None)
-    if device is not None and getattr(device, "platform", None):
-        return device.platform
-    return jax.default_backend()
+    """The platform the current trace targets (`layer_norm.trace_platform`)."""
+    return trace_platform()
 
 
 def resolve(implementation: str, dtype, model: str = "mssa", on: str | None = None) -> str:
@@ -88,7 +84,7 @@ def resolve(implementation: str, dtype, model: str = "mssa", on: str | None = No
     if implementation != "auto":
         return implementation
     where = on or platform()
-    where = "gpu" if where in ("gpu", "cuda", "rocm") else where
+    where = "gpu" if where in ("cuda", "rocm") else where
     if where == "gpu" and jnp.dtype(dtype).name in _HALF:
         where = "gpu_half"
     return AUTO[model].get(where, AUTO[model]["cpu"])

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from crate_jax.models import attention
 from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE
+from crate_jax.models.layer_norm import LayerNorm
 from crate_jax.models.layers import (
     ACT_BATCH,
     ACT_EMBED,
@@ -23,7 +24,6 @@ from crate_jax.models.layers import (
     EMBED,
     HEADS,
     MLP,
-    LayerNorm,
     dense_dot_general,
     matmul,
     torch_kaiming_uniform,
@@ -34,13 +34,14 @@ from crate_jax.models.layers import (
 LAYER_NORM_EPS = 1e-5
 
 
-def layer_norm(eps: float, dtype, param_dtype, name: str) -> nn.Module:
+def layer_norm(eps: float, dtype, param_dtype, name: str, form: str = "auto") -> nn.Module:
     return LayerNorm(
         epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, (EMBED,)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
+        form=form,
         name=name,
     )
 
@@ -193,6 +194,7 @@ class EncoderLayer(nn.Module):
     ista_fused: bool = True
     attention: str = "auto"  # MSSA's implementation (ATTENTION_IMPLS)
     cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE
+    layer_norm_form: str = "auto"  # models/layer_norm.py FORMS
     capture: bool = False
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
@@ -201,7 +203,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, z_BxNxD: jax.Array, drop_path_rate: float | jax.Array | None = None) -> tuple[jax.Array, dict]:
         z_BxNxD = constrain(z_BxNxD)
-        ln = lambda name: layer_norm(LAYER_NORM_EPS, self.dtype, self.param_dtype, name)  # noqa: E731
+        ln = lambda name: layer_norm(LAYER_NORM_EPS, self.dtype, self.param_dtype, name, self.layer_norm_form)  # noqa: E731
         mssa = _mssa(self)
         attn_out, attn, qkv = mssa(ln("norm1")(z_BxNxD))
         if drop_path_rate is not None and not self.deterministic:
@@ -228,6 +230,7 @@ class DecoderLayer(nn.Module):
     num_heads: int
     attention: str = "auto"  # MSSA's implementation (ATTENTION_IMPLS)
     cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE
+    layer_norm_form: str = "auto"  # models/layer_norm.py FORMS
     capture: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -235,7 +238,7 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, z_BxNxD: jax.Array, _=None) -> tuple[jax.Array, dict]:
         z_BxNxD = constrain(z_BxNxD)
-        ln = lambda name: layer_norm(LAYER_NORM_EPS, self.dtype, self.param_dtype, name)  # noqa: E731
+        ln = lambda name: layer_norm(LAYER_NORM_EPS, self.dtype, self.param_dtype, name, self.layer_norm_form)  # noqa: E731
         # Dense kernel = D~^T, so x @ kernel = F.linear(x, D~) as released.
         z_half = nn.Dense(
             self.width,

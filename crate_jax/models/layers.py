@@ -190,21 +190,6 @@ def position_rows(
     return resample_rows(table, num_prefix, (grid_size, grid_size), grid)
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype) -> jax.Array:
-    """LayerNorm over the last axis in fp32 (biased variance, as PyTorch), output in `dtype`.
-
-    Written out rather than `nn.LayerNorm`: XLA:CPU fuses this form's forward and gradient
-    into fewer passes (the CRATE-MAE-Tiny train step ran about 4% faster on one core). Tried
-    and slower there: a hand-written `custom_vjp` (it keeps XLA from fusing across the
-    boundary) and one-pass statistics (E[x²] - E[x]²).
-    """
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    centred = x32 - mean
-    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
-    return (centred * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
-
-
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """x @ w over x's last axis, with the weight gradient taken as one 2-D product.
@@ -234,21 +219,3 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     if tuple(contract_lhs) == (lhs.ndim - 1,) and tuple(contract_rhs) == (0,) and not batch_lhs and rhs.ndim == 2:
         return matmul(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
-
-
-class LayerNorm(nn.Module):
-    """`nn.LayerNorm` with the same parameters (`scale`, `bias`), through `layer_norm`."""
-
-    epsilon: float = 1e-6
-    dtype: jnp.dtype | None = None
-    param_dtype: jnp.dtype = jnp.float32
-    scale_init: nn.initializers.Initializer = nn.initializers.ones
-    bias_init: nn.initializers.Initializer = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
-        dtype = jnp.dtype(self.dtype or jnp.result_type(x, scale))
-        return layer_norm(x, scale, bias, self.epsilon, dtype)

@@ -149,6 +149,7 @@ class _MAEBase(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE  # cuDNN attention's token padding (models/attention.py)
+    layer_norm_form: str = "auto"  # how each LayerNorm's backward is written (models/layer_norm.py)
 
     @property
     def grid_size(self) -> int:
@@ -213,7 +214,7 @@ class _MAEBase(nn.Module):
 
     def _predict(self, x: jax.Array, table: jax.Array | None = None) -> jax.Array:
         """decoder_norm -> (minus `table`, the paper's g^post) -> Dense to pixels -> drop the cls token."""
-        x = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "decoder_norm")(x)
+        x = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "decoder_norm", self.layer_norm_form)(x)
         if table is not None:
             x = x - table.astype(x.dtype)
         features = self.patch_size * self.patch_size * 3
@@ -322,7 +323,11 @@ class CrateMAE(_MAEBase):
             cls = jnp.broadcast_to(cls_token.astype(x.dtype), (batch, 1, self.width)) + pos[:1]
             x = jnp.concatenate([cls, x], axis=1)
 
-        attention = dict(attention=self.attention, cudnn_token_multiple=self.cudnn_token_multiple)
+        attention = dict(
+            attention=self.attention,
+            cudnn_token_multiple=self.cudnn_token_multiple,
+            layer_norm_form=self.layer_norm_form,
+        )
         layer = dict(width=self.width, num_heads=self.num_heads, **attention)
         z, enc_aux = self._stack(
             EncoderLayer,
@@ -331,7 +336,7 @@ class CrateMAE(_MAEBase):
             capture,
             "encoder",
         )(x)
-        latent = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "norm")(z)
+        latent = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "norm", self.layer_norm_form)(z)
 
         z = latent
         if self.encoder_tokens == "visible":
@@ -384,11 +389,16 @@ class ViTMAE(_MAEBase):
         x = jnp.take_along_axis(x + pos[1:], ids_keep[..., None], axis=1)
         cls = jnp.broadcast_to(self._token("cls_token", self.width).astype(x.dtype) + pos[:1], (batch, 1, self.width))
         x = jnp.concatenate([cls, x], axis=1)
-        block = dict(mlp_ratio=self.mlp_ratio, attention=self.attention, cudnn_token_multiple=self.cudnn_token_multiple)
+        block = dict(
+            mlp_ratio=self.mlp_ratio,
+            attention=self.attention,
+            cudnn_token_multiple=self.cudnn_token_multiple,
+            layer_norm_form=self.layer_norm_form,
+        )
         z, enc_aux = self._stack(
             ViTBlock, dict(block, width=self.width, num_heads=self.num_heads), self.depth, capture, "encoder"
         )(x)
-        latent = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "norm")(z)
+        latent = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "norm", self.layer_norm_form)(z)
 
         y = nn.Dense(
             self.decoder_width,

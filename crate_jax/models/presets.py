@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crate_jax.models.attention import MSSA_IMPLS, VIT_IMPLS
+from crate_jax.models.layer_norm import FORMS as LAYER_NORM_FORMS
 from crate_jax.models.mae import LOSS_PATCHES, CrateMAE, ViTMAE, check_crate_options
 from crate_jax.models.stack import check_remat
 
@@ -63,7 +64,7 @@ PRESETS: dict[str, tuple[type, dict[str, Any]]] = {
 COMMON_OVERRIDES = (
     "image_size", "patch_size", "width", "depth", "num_heads", "decoder_depth", "decoder_num_heads",
     "mask_ratio", "norm_pix_loss", "loss_patches", "scan_layers", "remat", "dtype", "param_dtype",
-    "cudnn_token_multiple",
+    "cudnn_token_multiple", "layer_norm_form",
 )  # fmt: skip
 CRATE_OVERRIDES = COMMON_OVERRIDES + (
     "ista_step", "ista_lambda", "ista_fused", "encoder_tokens", "attention",
@@ -115,6 +116,8 @@ def model_fields(name: str, **overrides) -> tuple[type, dict[str, Any]]:
     multiple = fields.get("cudnn_token_multiple", 128)
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"model.cudnn_token_multiple={multiple!r} must be a positive integer")
+    if fields.get("layer_norm_form", "auto") not in LAYER_NORM_FORMS:
+        raise ValueError(f"model.layer_norm_form={fields['layer_norm_form']!r} is not one of {LAYER_NORM_FORMS}")
     if fields.get("loss_patches", "masked") not in LOSS_PATCHES:
         raise ValueError(f"model.loss_patches={fields['loss_patches']!r} is not one of {LOSS_PATCHES}")
     if not 0.0 <= fields["mask_ratio"] < 1.0:

@@ -75,6 +75,7 @@ class ViTBlock(nn.Module):
     mlp_ratio: float = 4.0
     attention: str = "auto"  # the attention's implementation (models.attention.VIT_IMPLS)
     cudnn_token_multiple: int = attention_impls.CUDNN_TOKEN_MULTIPLE
+    layer_norm_form: str = "auto"  # models/layer_norm.py FORMS
     capture: bool = False
     deterministic: bool = True
     dtype: jnp.dtype = jnp.float32
@@ -83,7 +84,7 @@ class ViTBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxNxD: jax.Array, drop_path_rate: float | jax.Array | None = None) -> tuple[jax.Array, dict]:
         x_BxNxD = constrain(x_BxNxD)
-        ln = lambda name: layer_norm(VIT_NORM_EPS, self.dtype, self.param_dtype, name)  # noqa: E731
+        ln = lambda name: layer_norm(VIT_NORM_EPS, self.dtype, self.param_dtype, name, self.layer_norm_form)  # noqa: E731
 
         def residual(branch: jax.Array) -> jax.Array:  # each branch gets its own draw, as in timm
             if drop_path_rate is None or self.deterministic:

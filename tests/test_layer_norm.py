@@ -1,0 +1,125 @@
+"""The two LayerNorm forms compute the same function and gradient; `auto` follows the platform."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from crate_jax import models
+from crate_jax.models import layer_norm as ln
+
+
+def _inputs(dtype, shape=(3, 5, 64)):
+    rng = np.random.default_rng(0)
+    # An offset mean per token and a spread of scales, so the statistics matter.
+    x = rng.normal(size=shape) * rng.uniform(0.5, 3.0, size=shape[:-1] + (1,)) + rng.normal(size=shape[:-1] + (1,))
+    scale = 1.0 + 0.1 * rng.normal(size=shape[-1])
+    bias = 0.1 * rng.normal(size=shape[-1])
+    weight = rng.normal(size=shape)  # a fixed cotangent through a linear loss
+    return (jnp.asarray(x, dtype), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32), jnp.asarray(weight))
+
+
+def _value_and_grads(form, x, scale, bias, weight, dtype):
+    def loss(x, scale, bias):
+        return jnp.sum(ln.layer_norm(x, scale, bias, 1e-5, dtype, form).astype(jnp.float32) * weight)
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, scale, bias)
+
+
+def test_forward_matches_float64_numpy():
+    x, scale, bias, _ = _inputs(jnp.float32)
+    x64 = np.asarray(x, np.float64)
+    mean = x64.mean(-1, keepdims=True)
+    ref = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * np.asarray(scale) + np.asarray(
+        bias
+    )
+    for form in ("autodiff", "saved_stats"):
+        out = ln.layer_norm(x, scale, bias, 1e-5, jnp.float32, form)
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5, err_msg=form)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_saved_stats_gradient_is_autodiffs(dtype):
+    """Same loss and gradients for x, scale and bias as autodiff (fp32 to rounding; bf16 to
+    its rounding of dx), and against LayerNorm's analytic gradient in float64 numpy."""
+    x, scale, bias, weight = _inputs(dtype)
+    loss_a, grads_a = _value_and_grads("autodiff", x, scale, bias, weight, dtype)
+    loss_s, grads_s = _value_and_grads("saved_stats", x, scale, bias, weight, dtype)
+    np.testing.assert_allclose(float(loss_s), float(loss_a), rtol=1e-5)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for name, a, s in zip(("x", "scale", "bias"), grads_a, grads_s, strict=True):
+        assert s.dtype == a.dtype, name
+        np.testing.assert_allclose(
+            np.asarray(s, np.float32), np.asarray(a, np.float32), rtol=tol, atol=tol, err_msg=name
+        )
+
+    # Reference in float64: dx = rstd (g - mean(g) - x̂ mean(g x̂)), g = dy·scale.
+    x64 = np.asarray(x.astype(jnp.float32), np.float64)
+    dy = np.asarray(weight.astype(dtype).astype(jnp.float32), np.float64)  # the cotangent reaches it in `dtype`
+    mean = x64.mean(-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+    xhat = (x64 - mean) * rstd
+    g = dy * np.asarray(scale, np.float64)
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+    np.testing.assert_allclose(np.asarray(grads_s[0], np.float64), dx, rtol=tol, atol=tol * np.abs(dx).max())
+    np.testing.assert_allclose(np.asarray(grads_s[1]), (dy * xhat).sum((0, 1)), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads_s[2]), dy.sum((0, 1)), rtol=1e-5, atol=1e-5)
+
+
+def _uses_custom_vjp(mesh) -> bool:
+    x, scale, bias, _ = _inputs(jnp.float32)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return "custom_vjp_call" in str(jax.make_jaxpr(lambda x: ln.layer_norm(x, scale, bias, 1e-5, jnp.float32))(x))
+
+
+def test_auto_follows_the_traced_platform():
+    """`auto` is autodiff on the CPU, saved_stats when the trace is for a GPU (an ahead-of-time
+    compile on a CPU host sees the mesh's abstract GPU devices)."""
+    auto = (jax.sharding.AxisType.Auto,)
+    gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
+    tpu = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    cpu = jax.sharding.AbstractDevice(device_kind="cpu", num_cores=None, platform="cpu")
+    assert not _uses_custom_vjp(jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=cpu))
+    assert ln.resolve("auto") == ("saved_stats" if jax.default_backend() == "gpu" else "autodiff")  # no mesh
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=gpu)):
+        assert ln.trace_platform() == "gpu" and ln.resolve("auto") == "saved_stats"
+    assert _uses_custom_vjp(jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=gpu))
+    assert not _uses_custom_vjp(jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=tpu))
+    assert ln.resolve("saved_stats") == "saved_stats"
+
+
+def test_bad_form_is_named():
+    with pytest.raises(ValueError, match="layer_norm_form='fused'"):
+        ln.resolve("fused")
+    with pytest.raises(ValueError, match="model.layer_norm_form='fused'"):
+        models.build("crate_mae_tiny", layer_norm_form="fused")
+
+
+@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_small"])
+def test_model_step_is_the_same_with_either_form(name):
+    """The whole model's loss and gradients, fp32 on the CPU: the form reaches every LayerNorm
+    (one more custom_vjp call per LayerNorm in the saved_stats model's trace) and changes
+    nothing the step computes."""
+    size = dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=2, decoder_depth=1)
+    if name.startswith("mae_vit"):
+        size |= dict(decoder_width=32, decoder_num_heads=2)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
+    noise = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 16)), jnp.float32)
+    results, calls = {}, {}
+    for form in ("autodiff", "saved_stats"):
+        model = models.build(name, **size, layer_norm_form=form)
+        params = nn.unbox(model.init(jax.random.key(0), images)["params"])
+
+        def loss(p, model=model):
+            return model.apply({"params": p}, images, noise=noise).loss
+
+        calls[form] = str(jax.make_jaxpr(loss)(params)).count("custom_vjp_call")
+        results[form] = jax.jit(jax.value_and_grad(loss))(params)
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    norms = sum(path.endswith("['scale']") for path in paths)
+    assert norms >= 6 and calls["saved_stats"] - calls["autodiff"] == norms, (norms, calls)
+    (la, ga), (ls, gs) = results["autodiff"], results["saved_stats"]
+    np.testing.assert_allclose(float(ls), float(la), rtol=1e-6)
+    for path, a, b in zip(paths, jax.tree.leaves(ga), jax.tree.leaves(gs), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=path)
