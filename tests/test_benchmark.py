@@ -130,9 +130,21 @@ def test_harness_writes_well_formed_results(tmp_path):
     variants = ["default", "visible+scan"]
     torch_module = "tests.torch_reference" if importlib.util.find_spec("torch") else None
     torch_variants = ("torch_eager", "torch_sdpa")
+    seen = []
     results = benchmark.run(
-        config, variants, steps=1, warmup=0, torch_module=torch_module, torch_variants=torch_variants
+        config,
+        variants,
+        steps=1,
+        warmup=0,
+        torch_module=torch_module,
+        torch_variants=torch_variants,
+        on_row=lambda rows: seen.append([r["variant"] for r in rows]),
     )
+    # After each row, the rows so far (PyTorch's first: they run before JAX starts a backend).
+    torch_names = list(torch_variants) if torch_module else []
+    assert seen == [torch_names[:i] for i in range(1, len(torch_names) + 1)] + [
+        variants[:i] + torch_names for i in range(1, len(variants) + 1)
+    ]
     out = tmp_path / "bench.json"
     out.write_text(json.dumps(results))
     results = json.loads(out.read_text())

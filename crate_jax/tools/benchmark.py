@@ -75,6 +75,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "attn_cudnn": {"attention": "cudnn"},
     "attn_cudnn_even": {"attention": "cudnn", "cudnn_token_multiple": 2},  # 197 -> 198 tokens, not 256
     "attn_pallas_tpu": {"attention": "pallas_tpu"},
+    "ln_autodiff": {"layer_norm_form": "autodiff"},  # models/layer_norm.py
+    "ln_saved_stats": {"layer_norm_form": "saved_stats"},
 }
 
 # Dense bf16 peak per chip from the vendors' data sheets, by a substring of JAX's device_kind
@@ -478,7 +480,11 @@ def run(
     kept_freed_memory: bool = False,
     torch_variants: tuple[str, ...] = ("torch_eager",),
     profile_dir: str | None = None,
+    on_row=None,
 ) -> list[dict[str, Any]]:
+    """The rows of `variants` (and of the PyTorch baselines, timed first), MFU filled in at the
+    end. `on_row(rows)`, if given, gets the rows measured so far after each one (without MFU),
+    so that a run cut short by a lease or a timeout still leaves figures behind."""
     from crate_jax.tools.torch_baselines import TORCH_VARIANTS
 
     for v in variants:
@@ -493,6 +499,8 @@ def run(
     for v in torch_variants if torch_module else ():
         measure = functools.partial(measure_torch_subprocess, config, torch_module, v, steps=steps, warmup=warmup)
         torch_rows.append(_measured(v, measure))
+        if on_row:
+            on_row(list(torch_rows))
     env = environment(kept_freed_memory) | {"load_average": load_at_start}
     check_same_device([r for r in torch_rows if "error" not in r])
     peaks = device_peaks()
@@ -504,6 +512,8 @@ def run(
             measure_variant, config, v, steps=steps, warmup=warmup, peak_flops=peak, profile_dir=profile_dir
         )
         results.append(_measured(v, measure))
+        if on_row:
+            on_row(results + torch_rows)
     results += torch_rows
     # On CPU the matmul rate again at the end: the machine may have been busier at the start.
     if jax.default_backend() == "cpu":
@@ -525,6 +535,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     kept = keep_freed_memory() if FLAGS.keep_freed_memory else False
+
+    def write(rows):
+        if FLAGS.out:
+            with open(FLAGS.out, "w") as f:
+                json.dump(rows, f, indent=2)
+
     if FLAGS.cpu_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
     results = run(
@@ -536,11 +552,10 @@ def main(argv):
         kept_freed_memory=kept,
         torch_variants=tuple(FLAGS.torch_variants),
         profile_dir=FLAGS.profile or None,
+        on_row=lambda rows: write([dict(r, partial=True) for r in rows]),
     )
     print(format_table(results))
-    if FLAGS.out:
-        with open(FLAGS.out, "w") as f:
-            json.dump(results, f, indent=2)
+    write(results)
     if failed := [r["variant"] for r in results if "error" in r]:
         raise SystemExit(f"failed: {', '.join(failed)} (the others' rows are in the table and --out)")
 
