@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements of the accelerator-speed work in one run on one NVIDIA GPU, sized for a
 # short lease (one H200, about 8 minutes; split it with STAGES over two calls if needed):
-#   tests  the cuDNN attention tests on the GPU against the fp32 path (tests/test_attention.py);
+#   tests  the cuDNN attention tests on the GPU against the fp32 path (tests/test_attention.py),
+#          and the two LayerNorm forms against each other (tests/test_layer_norm.py);
 #   crate  the CRATE-MAE-B train step: attention "auto" (cuDNN in bf16, tokens padded to 256),
-#          XLA's symmetric form, the visible-only encoder, cuDNN with tokens padded to 198
-#          (attn_cudnn_even: compare its loss), beside PyTorch eager, SDPA and torch.compile;
+#          XLA's symmetric form, the visible-only encoder, LayerNorm by autodiff (ln_autodiff:
+#          the step before its GPU form), cuDNN with tokens padded to 198 (attn_cudnn_even:
+#          compare its loss), beside PyTorch eager, SDPA and torch.compile;
 #   vit    the ViT-MAE-B train step: "auto" (cuDNN), XLA's autodiff form, attn_cudnn_even,
 #          beside PyTorch SDPA;
-# A variant that fails (a kernel the GPU rejects) is a row saying so; the others still count.
+# A variant that fails (a kernel the GPU rejects) is a row saying so; the others still count,
+# and each stage's JSON is rewritten after every row (a stage cut short keeps its rows).
 # at batch 256, 224 px, bf16 compute with fp32 parameters, layers unrolled, 12 timed steps
 # after 3 warm-up steps, each JAX variant traced and its top kernels printed.
 #
@@ -41,7 +44,7 @@ PYTHON=${PYTHON:-python3}
 CRATE_CONFIG=${CRATE_CONFIG:-configs/imagenet_mae.py:variant=base}
 VIT_CONFIG=${VIT_CONFIG:-configs/imagenet_mae.py:model=mae_vit_base}
 CONFIG_FLAGS=${CONFIG_FLAGS:-}
-CRATE_VARIANTS=${CRATE_VARIANTS:-default,attn_symmetric,visible,attn_cudnn_even}
+CRATE_VARIANTS=${CRATE_VARIANTS:-default,attn_symmetric,visible,ln_autodiff,attn_cudnn_even}
 CRATE_TORCH=${CRATE_TORCH-torch_eager,torch_sdpa,torch_compile}
 VIT_VARIANTS=${VIT_VARIANTS:-default,attn_autodiff,attn_cudnn_even}
 VIT_TORCH=${VIT_TORCH-torch_sdpa}
@@ -104,10 +107,11 @@ for stage in $STAGES; do
   case $stage in
     tests)
       if [[ $DRY_RUN == 1 ]]; then
-        run timeout "$STAGE_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider -n 0 tests/test_attention.py -k "cudnn or gpu"
+        run timeout "$STAGE_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider -n 0 tests/test_attention.py \
+          tests/test_layer_norm.py -k "cudnn or gpu or layer_norm"
       else
         run timeout "$STAGE_TIMEOUT" "$PYTHON" -m pytest -q -p no:cacheprovider -n 0 tests/test_attention.py \
-          -k "cudnn or gpu" -rs 2>&1 | tee "$OUT_DIR/tests.log"
+          tests/test_layer_norm.py -k "cudnn or gpu or layer_norm" -rs 2>&1 | tee "$OUT_DIR/tests.log"
       fi
       ;;
     crate) benchmark crate "$CRATE_CONFIG" "$CRATE_VARIANTS" "$CRATE_TORCH" ;;

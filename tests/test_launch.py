@@ -314,14 +314,21 @@ def test_gpu_benchmark_dry_run_measures_what_the_targets_name(tmp_path):
     out = run_script("gpu_benchmark.sh", str(tmp_path), env=_env(DRY_RUN="1")).stdout.splitlines()
     commands = [shlex.split(line) for line in out if not line.startswith("==")]
     tests, crate, vit = commands
-    assert tests[-5:] == ["-n", "0", "tests/test_attention.py", "-k", "cudnn or gpu"]
+    assert tests[-6:] == [
+        "-n",
+        "0",
+        "tests/test_attention.py",
+        "tests/test_layer_norm.py",
+        "-k",
+        "cudnn or gpu or layer_norm",
+    ]
     for cmd, config in ((crate, "variant=base"), (vit, "model=mae_vit_base")):
         assert cmd[:5] == ["timeout", "--signal=TERM", "--kill-after=20", "330", "python3"]
         assert cmd[5:8] == ["-m", "crate_jax.tools.benchmark", f"--config=configs/imagenet_mae.py:{config}"]
         for flag in ("--config.batch_size=256", "--config.model.dtype=bfloat16", "--config.model.scan_layers=False",
                      "--steps=12", "--warmup=3", "--torch"):  # fmt: skip
             assert flag in cmd
-    assert "--variants=default,attn_symmetric,visible,attn_cudnn_even" in crate
+    assert "--variants=default,attn_symmetric,visible,ln_autodiff,attn_cudnn_even" in crate
     assert "--torch_variants=torch_eager,torch_sdpa,torch_compile" in crate
     assert "--variants=default,attn_autodiff,attn_cudnn_even" in vit and "--torch_variants=torch_sdpa" in vit
     assert f"--out={tmp_path}/crate.json" in crate and "--profile=/tmp/crate_jax_profile/vit" in vit
