@@ -6,16 +6,20 @@ backward pass reads, which decides how XLA fuses it:
   "autodiff"     the forward written out, gradient by autodiff. XLA:CPU fuses this form's
                  forward and gradient into the fewest passes (the CRATE-MAE-Tiny train step
                  ran about 4% faster on one core than with the other form).
-  "saved_stats"  a `custom_vjp` whose forward keeps the row mean and 1/std (fp32, one value
-                 per token) behind an optimisation barrier for the backward. With autodiff,
-                 XLA:GPU recomputes the mean inside the backward, which makes the scale's
-                 gradient a row-reduction fusion (Triton) that writes x̂·dy in fp32 at full
-                 size for a separate column reduction: 6 activation-sized bf16 passes. With
-                 the statistics saved, x̂·dy is elementwise and fuses into the column
-                 reduction. Per CRATE-MAE-B encoder layer (batch 256, H200 compiled without
-                 a GPU) the two LayerNorms move 2.10 GB with autodiff against 1.79 GB here;
-                 0.54 GB less for the layer once the residual add merges into the second
-                 LayerNorm's statistics (README, "On a GPU").
+  "saved_stats"  a `custom_vjp`, for XLA:GPU. Its forward keeps the row mean and 1/std
+                 (fp32, one value per token) behind an optimisation barrier for the
+                 backward, which takes both column sums (the scale's and the bias's
+                 gradients) in one variadic reduction and dx in one row-wise pass. With
+                 autodiff, XLA:GPU recomputes the statistics inside the backward, which
+                 makes the scale's gradient a row-reduction fusion that writes x̂·dy in
+                 fp32 at full size for a separate column reduction. Per CRATE-MAE-B
+                 encoder layer (batch 256, compiled for an H200 without a GPU,
+                 tools/hlo_bytes.py) the two LayerNorms' kernels move 1.79 GB with autodiff
+                 and 1.33 GB here; the step 150 GB against 133 (README, "GPU: the compiled
+                 step without a GPU"). On TPUs it moves more (CRATE-MAE-B on v5e-256:
+                 37.4 GB per chip against 32.0), so they keep autodiff. Tried and worse
+                 on XLA:GPU: saving nothing and recomputing the statistics in the
+                 backward (150 GB for that step).
 
 "auto" (the models' `layer_norm_form` default) picks one from `FORM` by the platform the
 step is traced for (`trace_platform`, so an ahead-of-time compile for a GPU on a CPU host
@@ -81,8 +85,10 @@ def _saved_stats_bwd(eps, dtype, residuals, dy):
     dy32 = dy.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
     rows = tuple(range(x.ndim - 1))
-    d_scale = jnp.sum(dy32 * xhat, axis=rows)
-    d_bias = jnp.sum(dy32, axis=rows)
+    # One variadic reduction for both column sums: dy is read once for the two.
+    d_scale, d_bias = jax.lax.reduce(
+        (dy32 * xhat, dy32), (jnp.float32(0), jnp.float32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), rows
+    )
     g = dy32 * scale.astype(jnp.float32)
     # d/dx of (x - mean) * rstd, applied to g: the row means of g and g·x̂ removed.
     dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
