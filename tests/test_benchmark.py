@@ -230,3 +230,15 @@ def test_kernel_profile_ranks_the_traced_steps_ops(tmp_path):
     assert 0 < len(top) <= 5 and all(t["s_per_step"] > 0 for t in top)
     assert [t["s_per_step"] for t in top] == sorted((t["s_per_step"] for t in top), reverse=True)
     assert not any(t["name"].startswith("$") for t in top)  # Python frames are left out on CPU
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu (the tpu extra)")
+def test_kernel_profile_on_cpu_after_a_tpu_topology_was_loaded(tmp_path):
+    """An ahead-of-time TPU compile earlier in the process leaves an idle TPU plane in every
+    later trace; the CPU backend's ops must still be ranked (they were dropped before)."""
+    from crate_jax.tools import aot_compile, kernel_profile, topologies  # noqa: F401 - libtpu's environment
+
+    assert topologies.parse("v5e-4").devices()
+    step = jax.jit(lambda x: (jnp.tanh(x @ x), {"loss": jnp.sum(x)}))
+    _, top = kernel_profile.profile_steps(step, jnp.ones((256, 256)), str(tmp_path), steps=2, top=5)
+    assert 0 < len(top) <= 5 and not any(t["name"].startswith("$") for t in top)

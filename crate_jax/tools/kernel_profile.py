@@ -30,7 +30,10 @@ def profile_steps(step_fn, state, log_dir: str, steps: int = 3, top: int = 15):
             trace = json.load(f)
         events = trace.get("traceEvents", trace) if isinstance(trace, dict) else trace
         names = {e["pid"]: e["args"].get("name", "") for e in events if e.get("name") == "process_name"}
-        device = {p for p, n in names.items() if "/device:" in n}
+        timed = {e.get("pid") for e in events if e.get("ph") == "X" and "dur" in e}
+        # Device planes that ran kernels: a plane with none (an idle TPU client that an ahead-of-
+        # time compile loaded into this process, say) must not hide the CPU backend's ops.
+        device = {p for p, n in names.items() if "/device:" in n and p in timed}
         for e in events:
             if e.get("ph") != "X" or "dur" not in e or (device and e.get("pid") not in device):
                 continue
