@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from crate_jax import models
-from crate_jax.models import attention
+from crate_jax.models import attention, layers
 
 TINY = dict(image_size=32, patch_size=4, width=64, num_heads=4, depth=2)
 
@@ -135,12 +135,12 @@ def test_auto_follows_the_mesh_platform():
     device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
     auto = (jax.sharding.AxisType.Auto,)  # as sharding.make_mesh's meshes (AbstractMesh's default changes after 0.11.0)
     tpu_mesh = jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=device)
-    assert attention.platform() == "cpu"
+    assert layers.trace_platform() == "cpu"
     with jax.sharding.use_abstract_mesh(tpu_mesh):
-        assert attention.platform() == "tpu"
+        assert layers.trace_platform() == "tpu"
         assert attention.resolve("auto", jnp.bfloat16, "mssa") == "autodiff"
     with jax.set_mesh(jax.make_mesh((1,), ("data",))):
-        assert attention.platform() == "cpu"
+        assert layers.trace_platform() == "cpu"
         assert attention.resolve("auto", jnp.bfloat16, "mssa") == "symmetric"
 
 
@@ -178,7 +178,7 @@ def _cudnn_through_xla(monkeypatch):
         calls.append((implementation, args[0].shape, kwargs.get("key_value_seq_lengths") is not None))
         return real(*args, implementation="xla" if implementation == "cudnn" else implementation, **kwargs)
 
-    monkeypatch.setattr(attention, "platform", lambda: "gpu")
+    monkeypatch.setattr(attention, "trace_platform", lambda: "gpu")
     monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
     return calls
 

@@ -32,8 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from crate_jax.models.layer_norm import trace_platform
-from crate_jax.models.layers import ACT_BATCH, ACT_HEADS, ACT_LENGTH
+from crate_jax.models.layers import ACT_BATCH, ACT_HEADS, ACT_LENGTH, trace_platform
 
 MSSA_IMPLS = ("auto", "symmetric", "autodiff", "dot_product", "cudnn", "pallas_tpu")
 VIT_IMPLS = ("auto", "autodiff", "dot_product", "cudnn", "pallas_tpu")
@@ -70,20 +69,15 @@ AUTO = {
 }
 
 
-def platform() -> str:
-    """The platform the current trace targets (`layer_norm.trace_platform`)."""
-    return trace_platform()
-
-
 def resolve(implementation: str, dtype, model: str = "mssa", on: str | None = None) -> str:
     """The implementation `implementation` names; "auto" looked up in `AUTO` for the platform
-    `on` (default: `platform()`) and the compute dtype."""
+    `on` (default: `layers.trace_platform()`) and the compute dtype."""
     names = MSSA_IMPLS if model == "mssa" else VIT_IMPLS
     if implementation not in names:
         raise ValueError(f"model.attention={implementation!r} is not one of {names}")
     if implementation != "auto":
         return implementation
-    where = on or platform()
+    where = on or trace_platform()
     where = "gpu" if where in ("cuda", "rocm") else where
     if where == "gpu" and jnp.dtype(dtype).name in _HALF:
         where = "gpu_half"
@@ -170,8 +164,8 @@ def _cudnn(q, k, v, scale: float, multiple: int = CUDNN_TOKEN_MULTIPLE):
         raise ValueError(
             f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused kernel), got {q.dtype}"
         )
-    if platform() != "gpu":
-        raise ValueError(f"model.attention='cudnn' runs on CUDA GPUs only, not on {platform()!r}")
+    if (where := trace_platform()) != "gpu":
+        raise ValueError(f"model.attention='cudnn' runs on CUDA GPUs only, not on {where!r}")
     return padded_dot_product(q, k, v, scale, "cudnn", multiple)
 
 

@@ -22,7 +22,7 @@ backward pass reads, which decides how XLA fuses it:
                  backward (150 GB for that step).
 
 "auto" (the models' `layer_norm_form` default) picks one from `FORM` by the platform the
-step is traced for (`trace_platform`, so an ahead-of-time compile for a GPU on a CPU host
+step is traced for (`layers.trace_platform`, so an ahead-of-time compile for a GPU on a CPU host
 takes the GPU entry).
 """
 
@@ -34,19 +34,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from crate_jax.models.layers import trace_platform
+
 FORMS = ("auto", "autodiff", "saved_stats")
 # "auto": by the traced platform. Why each entry: see the module docstring.
 FORM = {"gpu": "saved_stats", "cpu": "autodiff", "tpu": "autodiff"}
-
-
-def trace_platform() -> str:
-    """The platform the current trace targets: the context mesh's devices (`jax.set_mesh`;
-    abstract devices in an ahead-of-time compile), else JAX's default backend. "cuda" and
-    "rocm" are reported as "gpu"."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = getattr(mesh, "abstract_device", None)
-    where = device.platform if device is not None and getattr(device, "platform", None) else jax.default_backend()
-    return "gpu" if where in ("gpu", "cuda", "rocm") else where
 
 
 def _statistics(x32: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:

@@ -1,4 +1,5 @@
-"""Building blocks shared by CRATE-MAE and ViT-MAE: patches, position tables, initialisers.
+"""Building blocks shared by CRATE-MAE and ViT-MAE: patches, position tables, initialisers,
+the platform a step is traced for.
 
 Patches are flattened row-major as (p, q, channel), exactly like MAE's `patchify`
 (`nchpwq->nhwpqc`), so that the patch embedding is a Dense on those vectors and the
@@ -23,6 +24,16 @@ xavier_uniform = nn.initializers.xavier_uniform()
 # PyTorch's default Linear/Conv init `kaiming_uniform_(a=0)` is U(+-sqrt(6 / fan_in)).
 torch_kaiming_uniform = nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
 token_init = nn.initializers.normal(0.02)
+
+
+def trace_platform() -> str:
+    """The platform the current trace targets: the context mesh's devices (`jax.set_mesh`;
+    abstract devices in an ahead-of-time compile), else JAX's default backend. "cuda" and
+    "rocm" are reported as "gpu"."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = getattr(mesh, "abstract_device", None)
+    where = device.platform if device is not None and getattr(device, "platform", None) else jax.default_backend()
+    return "gpu" if where in ("gpu", "cuda", "rocm") else where
 
 
 def uniform_bias(fan_in: int):
