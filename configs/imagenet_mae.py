@@ -117,7 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # least JAX takes in training, 197 -> 198, fewer bytes, unverified on a GPU; README).
     config.model.cudnn_token_multiple = 128
     # How each LayerNorm's backward is written, not what it computes (models/layer_norm.py):
-    # auto (saved_stats on GPUs: fewer HBM bytes there; autodiff elsewhere) | autodiff | saved_stats.
+    # auto (saved_stats_pinned on GPUs: fewer HBM bytes there; saved_stats on CPUs and TPUs)
+    # | autodiff | saved_stats | saved_stats_pinned.
     config.model.layer_norm_form = "auto"
     if name.startswith("crate_mae"):
         config.model.encoder_tokens = "all"  # "visible": the efficient variant (needs its own pretraining)

@@ -1,4 +1,4 @@
-"""The two LayerNorm forms compute the same function and gradient; `auto` follows the platform."""
+"""The LayerNorm forms compute the same function and gradient; `auto` follows the platform."""
 
 import flax.linen as nn
 import jax
@@ -9,6 +9,8 @@ import pytest
 from crate_jax import models
 from crate_jax.models import layer_norm as ln
 from crate_jax.models import layers
+
+SAVED = ("saved_stats", "saved_stats_pinned")  # the custom_vjp forms, each against autodiff
 
 
 def _inputs(dtype, shape=(3, 5, 64)):
@@ -35,18 +37,19 @@ def test_forward_matches_float64_numpy():
     ref = (x64 - mean) / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5) * np.asarray(scale) + np.asarray(
         bias
     )
-    for form in ("autodiff", "saved_stats"):
+    for form in ("autodiff", *SAVED):
         out = ln.layer_norm(x, scale, bias, 1e-5, jnp.float32, form)
         np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5, err_msg=form)
 
 
+@pytest.mark.parametrize("form", SAVED)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_saved_stats_gradient_is_autodiffs(dtype):
+def test_saved_stats_gradient_is_autodiffs(dtype, form):
     """Same loss and gradients for x, scale and bias as autodiff (fp32 to rounding; bf16 to
     its rounding of dx), and against LayerNorm's analytic gradient in float64 numpy."""
     x, scale, bias, weight = _inputs(dtype)
     loss_a, grads_a = _value_and_grads("autodiff", x, scale, bias, weight, dtype)
-    loss_s, grads_s = _value_and_grads("saved_stats", x, scale, bias, weight, dtype)
+    loss_s, grads_s = _value_and_grads(form, x, scale, bias, weight, dtype)
     np.testing.assert_allclose(float(loss_s), float(loss_a), rtol=1e-5)
     tol = 1e-5 if dtype == jnp.float32 else 2e-2
     for name, a, s in zip(("x", "scale", "bias"), grads_a, grads_s, strict=True):
@@ -68,26 +71,36 @@ def test_saved_stats_gradient_is_autodiffs(dtype):
     np.testing.assert_allclose(np.asarray(grads_s[2]), dy.sum((0, 1)), rtol=1e-5, atol=1e-5)
 
 
-def _uses_custom_vjp(mesh) -> bool:
-    x, scale, bias, _ = _inputs(jnp.float32)
-    with jax.sharding.use_abstract_mesh(mesh):
-        return "custom_vjp_call" in str(jax.make_jaxpr(lambda x: ln.layer_norm(x, scale, bias, 1e-5, jnp.float32))(x))
-
-
 def test_auto_follows_the_traced_platform():
-    """`auto` is autodiff on the CPU, saved_stats when the trace is for a GPU (an ahead-of-time
-    compile on a CPU host sees the mesh's abstract GPU devices)."""
+    """`auto` is saved_stats_pinned when the trace is for a GPU (an ahead-of-time compile on a
+    CPU host sees the mesh's abstract GPU devices), saved_stats for a TPU or the CPU."""
     auto = (jax.sharding.AxisType.Auto,)
     gpu = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="cuda")
     tpu = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
     cpu = jax.sharding.AbstractDevice(device_kind="cpu", num_cores=None, platform="cpu")
-    assert not _uses_custom_vjp(jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=cpu))
-    assert ln.resolve("auto") == ("saved_stats" if jax.default_backend() == "gpu" else "autodiff")  # no mesh
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=gpu)):
-        assert layers.trace_platform() == "gpu" and ln.resolve("auto") == "saved_stats"
-    assert _uses_custom_vjp(jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=gpu))
-    assert not _uses_custom_vjp(jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=tpu))
-    assert ln.resolve("saved_stats") == "saved_stats"
+    expected = {"gpu": "saved_stats_pinned", "tpu": "saved_stats", "cpu": "saved_stats"}
+    assert ln.resolve("auto") == expected.get(jax.default_backend(), "saved_stats")  # no mesh
+    for platform, device in (("gpu", gpu), ("tpu", tpu), ("cpu", cpu)):
+        mesh = jax.sharding.AbstractMesh((1,), ("data",), auto, abstract_device=device)
+        with jax.sharding.use_abstract_mesh(mesh):
+            assert layers.trace_platform() == platform and ln.resolve("auto") == expected[platform], platform
+        assert "custom_vjp_call" in _jaxpr(mesh, "auto"), platform
+        # The pinned form's barrier is in its forward rule, which the gradient's trace runs.
+        assert ("optimization_barrier" in _jaxpr(mesh, "auto", grad=True)) == (platform == "gpu"), platform
+    assert "custom_vjp_call" not in _jaxpr(None, "autodiff")
+    for form in ln.FORMS[1:]:
+        assert ln.resolve(form) == form
+
+
+def _jaxpr(mesh, form: str, grad: bool = False) -> str:
+    """The jaxpr of one LayerNorm (`grad`: of its gradient) traced under `mesh` (None: no mesh)."""
+    x, scale, bias, _ = _inputs(jnp.float32)
+    fn = lambda x: ln.layer_norm(x, scale, bias, 1e-5, jnp.float32, form).sum()  # noqa: E731
+    fn = jax.grad(fn) if grad else fn
+    if mesh is None:
+        return str(jax.make_jaxpr(fn)(x))
+    with jax.sharding.use_abstract_mesh(mesh):
+        return str(jax.make_jaxpr(fn)(x))
 
 
 def test_bad_form_is_named():
@@ -97,10 +110,11 @@ def test_bad_form_is_named():
         models.build("crate_mae_tiny", layer_norm_form="fused")
 
 
+@pytest.mark.parametrize("form", SAVED)
 @pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_small"])
-def test_model_step_is_the_same_with_either_form(name):
+def test_model_step_is_the_same_with_either_form(name, form):
     """The whole model's loss and gradients, fp32 on the CPU: the form reaches every LayerNorm
-    (one more custom_vjp call per LayerNorm in the saved_stats model's trace) and changes
+    (one more custom_vjp call per LayerNorm in the saved-statistics model's trace) and changes
     nothing the step computes."""
     size = dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=2, decoder_depth=1)
     if name.startswith("mae_vit"):
@@ -108,20 +122,20 @@ def test_model_step_is_the_same_with_either_form(name):
     images = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)
     noise = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 16)), jnp.float32)
     results, calls = {}, {}
-    for form in ("autodiff", "saved_stats"):
-        model = models.build(name, **size, layer_norm_form=form)
+    for each in ("autodiff", form):
+        model = models.build(name, **size, layer_norm_form=each)
         params = nn.unbox(model.init(jax.random.key(0), images)["params"])
 
         def loss(p, model=model):
             return model.apply({"params": p}, images, noise=noise).loss
 
-        calls[form] = str(jax.make_jaxpr(loss)(params)).count("custom_vjp_call")
+        calls[each] = str(jax.make_jaxpr(loss)(params)).count("custom_vjp_call")
         with jax.default_matmul_precision("highest"):  # no TF32 on a GPU: the forms, not the products
-            results[form] = jax.jit(jax.value_and_grad(loss))(params)
+            results[each] = jax.jit(jax.value_and_grad(loss))(params)
     paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
     norms = sum(path.endswith("['scale']") for path in paths)
-    assert norms >= 6 and calls["saved_stats"] - calls["autodiff"] == norms, (norms, calls)
-    (la, ga), (ls, gs) = results["autodiff"], results["saved_stats"]
+    assert norms >= 6 and calls[form] - calls["autodiff"] == norms, (norms, calls)
+    (la, ga), (ls, gs) = results["autodiff"], results[form]
     np.testing.assert_allclose(float(ls), float(la), rtol=1e-6)
     for path, a, b in zip(paths, jax.tree.leaves(ga), jax.tree.leaves(gs), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=path)

@@ -1,25 +1,31 @@
-"""LayerNorm over the last axis in fp32 (biased variance, as PyTorch), in two exact forms.
+"""LayerNorm over the last axis in fp32 (biased variance, as PyTorch), in three exact forms.
 
-Both compute the same two-pass statistics and the same output; they differ in what the
+All compute the same two-pass statistics and the same output; they differ in what the
 backward pass reads, which decides how XLA fuses it:
 
-  "autodiff"     the forward written out, gradient by autodiff. XLA:CPU fuses this form's
-                 forward and gradient into the fewest passes (the CRATE-MAE-Tiny train step
-                 ran about 4% faster on one core than with the other form).
-  "saved_stats"  a `custom_vjp`, for XLA:GPU. Its forward keeps the row mean and 1/std
-                 (fp32, one value per token) behind an optimisation barrier for the
-                 backward, which takes both column sums (the scale's and the bias's
-                 gradients) in one variadic reduction and dx in one row-wise pass. With
-                 autodiff, XLA:GPU recomputes the statistics inside the backward, which
-                 makes the scale's gradient a row-reduction fusion that writes x̂·dy in
-                 fp32 at full size for a separate column reduction. Per CRATE-MAE-B
-                 encoder layer (batch 256, compiled for an H200 without a GPU,
-                 tools/hlo_bytes.py) the two LayerNorms' kernels move 1.79 GB with autodiff
-                 and 1.33 GB here; the step 150 GB against 133 (README, "GPU: the compiled
-                 step without a GPU"). On TPUs it moves more (CRATE-MAE-B on v5e-256:
-                 37.4 GB per chip against 32.0), so they keep autodiff. Tried and worse
-                 on XLA:GPU: saving nothing and recomputing the statistics in the
-                 backward (150 GB for that step).
+  "autodiff"            the forward written out, gradient by autodiff: the LayerNorms as
+                        they were before the other two forms.
+  "saved_stats"         a `custom_vjp` whose backward reads the input, the row mean and
+                        1/std (fp32, one value per token) and dy: dx in one row-wise pass,
+                        the scale's and the bias's gradients as two column sums. XLA
+                        decides where the statistics live. On CPU and TPU: on XLA:CPU the
+                        CRATE-MAE-Tiny@32 train step (batch 32, fp32) ran 37.6 img/s against
+                        36.1 with autodiff (six interleaved 30-step medians, 4% faster in
+                        5 of the 6 pairs; README, CPU); on TPUs it moves a little fewer bytes
+                        than autodiff by the ahead-of-time compile (CRATE-MAE-B, batch 4096:
+                        31.8 against 32.0 GB per chip on v5e-256, 101 against 103 on v4-128;
+                        ViT-MAE-B 21.8 both).
+  "saved_stats_pinned"  the same backward, for XLA:GPU: the statistics kept behind an
+                        optimisation barrier (otherwise XLA:GPU recomputes them inside the
+                        backward, which makes the scale's gradient a row-reduction fusion that
+                        writes x̂·dy in fp32 at full size for a separate column reduction) and
+                        both column sums in one variadic reduction (dy read once for the two).
+                        Per CRATE-MAE-B encoder layer (batch 256, compiled for an H200 without
+                        a GPU, tools/hlo_bytes.py) the two LayerNorms' kernels move 1.79 GB with
+                        autodiff and 1.33 GB here; the step 150 GB against 133 ("saved_stats":
+                        150; the barrier alone: 137). XLA:CPU runs the variadic reduction
+                        slowly (the Tiny step above: 36.7 img/s), and TPUs move more bytes
+                        with this form (CRATE-MAE-B on v5e-256: 37.4 GB per chip).
 
 "auto" (the models' `layer_norm_form` default) picks one from `FORM` by the platform the
 step is traced for (`layers.trace_platform`, so an ahead-of-time compile for a GPU on a CPU host
@@ -36,9 +42,9 @@ import jax.numpy as jnp
 
 from crate_jax.models.layers import trace_platform
 
-FORMS = ("auto", "autodiff", "saved_stats")
+FORMS = ("auto", "autodiff", "saved_stats", "saved_stats_pinned")
 # "auto": by the traced platform. Why each entry: see the module docstring.
-FORM = {"gpu": "saved_stats", "cpu": "autodiff", "tpu": "autodiff"}
+FORM = {"gpu": "saved_stats_pinned", "cpu": "saved_stats", "tpu": "saved_stats"}
 
 
 def _statistics(x32: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
@@ -57,30 +63,32 @@ def _autodiff(x, scale, bias, eps: float, dtype) -> jax.Array:
     return _normalise(x32, mean, rstd, scale, bias, dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _saved_stats(x, scale, bias, eps: float, dtype) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _saved_stats(x, scale, bias, eps: float, dtype, pinned: bool) -> jax.Array:
     return _autodiff(x, scale, bias, eps, dtype)
 
 
-def _saved_stats_fwd(x, scale, bias, eps, dtype):
+def _saved_stats_fwd(x, scale, bias, eps, dtype, pinned):
     x32 = x.astype(jnp.float32)
     mean, rstd = _statistics(x32, eps)
     y = _normalise(x32, mean, rstd, scale, bias, dtype)
-    # Kept for the backward, not recomputed there (see the module docstring).
-    mean, rstd = jax.lax.optimization_barrier((mean, rstd))
+    if pinned:  # kept for the backward, not recomputed there (see the module docstring)
+        mean, rstd = jax.lax.optimization_barrier((mean, rstd))
     return y, (x, scale, bias, mean, rstd)
 
 
-def _saved_stats_bwd(eps, dtype, residuals, dy):
+def _saved_stats_bwd(eps, dtype, pinned, residuals, dy):
     del eps, dtype
     x, scale, bias, mean, rstd = residuals
     dy32 = dy.astype(jnp.float32)
     xhat = (x.astype(jnp.float32) - mean) * rstd
     rows = tuple(range(x.ndim - 1))
-    # One variadic reduction for both column sums: dy is read once for the two.
-    d_scale, d_bias = jax.lax.reduce(
-        (dy32 * xhat, dy32), (jnp.float32(0), jnp.float32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), rows
-    )
+    if pinned:  # one variadic reduction for both column sums: dy is read once for the two
+        d_scale, d_bias = jax.lax.reduce(
+            (dy32 * xhat, dy32), (jnp.float32(0), jnp.float32(0)), lambda a, b: (a[0] + b[0], a[1] + b[1]), rows
+        )
+    else:
+        d_scale, d_bias = jnp.sum(dy32 * xhat, axis=rows), jnp.sum(dy32, axis=rows)
     g = dy32 * scale.astype(jnp.float32)
     # d/dx of (x - mean) * rstd, applied to g: the row means of g and g·x̂ removed.
     dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
@@ -99,9 +107,10 @@ def resolve(form: str) -> str:
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtype, form: str = "auto") -> jax.Array:
     """LayerNorm of `x` over its last axis, output in `dtype`, in the form `form` (`FORMS`)."""
-    if resolve(form) == "saved_stats":
-        return _saved_stats(x, scale, bias, eps, dtype)
-    return _autodiff(x, scale, bias, eps, dtype)
+    form = resolve(form)
+    if form == "autodiff":
+        return _autodiff(x, scale, bias, eps, dtype)
+    return _saved_stats(x, scale, bias, eps, dtype, form == "saved_stats_pinned")
 
 
 class LayerNorm(nn.Module):
