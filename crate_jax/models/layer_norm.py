@@ -10,11 +10,11 @@ backward pass reads, which decides how XLA fuses it:
                         the scale's and the bias's gradients as two column sums. XLA
                         decides where the statistics live. On CPU and TPU: on XLA:CPU the
                         CRATE-MAE-Tiny@32 train step (batch 32, fp32) ran 37.6 img/s against
-                        36.1 with autodiff (six interleaved 30-step medians, 4% faster in
-                        5 of the 6 pairs; README, CPU); on TPUs it moves a little fewer bytes
-                        than autodiff by the ahead-of-time compile (CRATE-MAE-B, batch 4096:
-                        31.8 against 32.0 GB per chip on v5e-256, 101 against 103 on v4-128;
-                        ViT-MAE-B 21.8 both).
+                        36.1 with autodiff (means of six 30-step medians, the two forms
+                        interleaved in three processes; README, CPU); on TPUs it moves a
+                        little fewer bytes than autodiff by the ahead-of-time compile
+                        (CRATE-MAE-B, batch 4096: 31.8 against 32.0 GB per chip on v5e-256,
+                        101 against 102.7 on v4-128; ViT-MAE-B 21.8 both).
   "saved_stats_pinned"  the same backward, for XLA:GPU: the statistics kept behind an
                         optimisation barrier (otherwise XLA:GPU recomputes them inside the
                         backward, which makes the scale's gradient a row-reduction fusion that
@@ -24,8 +24,9 @@ backward pass reads, which decides how XLA fuses it:
                         a GPU, tools/hlo_bytes.py) the two LayerNorms' kernels move 1.79 GB with
                         autodiff and 1.33 GB here; the step 150 GB against 133 ("saved_stats":
                         150; the barrier alone: 137). XLA:CPU runs the variadic reduction
-                        slowly (the Tiny step above: 36.7 img/s), and TPUs move more bytes
-                        with this form (CRATE-MAE-B on v5e-256: 37.4 GB per chip).
+                        slowly (the Tiny step above: 36.7 and 36.6 img/s against 38.7 and
+                        36.5 for autodiff in the same runs), and TPUs move more bytes with
+                        this form (CRATE-MAE-B on v5e-256: 37.4 GB per chip).
 
 "auto" (the models' `layer_norm_form` default) picks one from `FORM` by the platform the
 step is traced for (`layers.trace_platform`, so an ahead-of-time compile for a GPU on a CPU host
