@@ -14,7 +14,7 @@ backward pass reads, which decides how XLA fuses it:
                         interleaved in three processes; README, CPU); on TPUs it moves a
                         little fewer bytes than autodiff by the ahead-of-time compile
                         (CRATE-MAE-B, batch 4096: 31.8 against 32.0 GB per chip on v5e-256,
-                        101 against 102.7 on v4-128; ViT-MAE-B 21.8 both).
+                        101 against 103 on v4-128; ViT-MAE-B 21.8 both).
   "saved_stats_pinned"  the same backward, for XLA:GPU: the statistics kept behind an
                         optimisation barrier (otherwise XLA:GPU recomputes them inside the
                         backward, which makes the scale's gradient a row-reduction fusion that
