@@ -217,6 +217,23 @@ def test_torch_sdpa_baseline_computes_the_released_model(name):
     assert abs(a.item() - b.item()) <= 1e-5 * abs(a.item())
 
 
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+def test_torch_compile_baseline_trains_as_eager():
+    """torch_compile (compile + SDPA) runs the same train step as eager: the loss after one
+    AdamW update agrees. On CPU Inductor compiles C++ (about 20 s here), so a GPU lease
+    does not discover a compile failure of the baseline."""
+    config = load_config("runlocal")
+    config.batch_size = 4
+    rows = {  # each in its own process, as the benchmark runs them
+        v: benchmark.measure_torch_subprocess(config, "tests.torch_reference", v, steps=1, warmup=1)
+        for v in ("torch_eager", "torch_compile")
+    }
+    eager, compiled = rows["torch_eager"], rows["torch_compile"]
+    assert compiled["attention_modules_on_sdpa"] == 4 and eager["attention_modules_on_sdpa"] == 0
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-5)
+    assert compiled["compile_s"] > eager["compile_s"]  # the compilation happened in the warm-up
+
+
 def test_kernel_profile_ranks_the_traced_steps_ops(tmp_path):
     """`--profile`: a trace of a few steps is written and its XLA ops come back ranked by time."""
     import glob
