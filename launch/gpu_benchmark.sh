@@ -2,11 +2,13 @@
 # The GPU measurements of the accelerator-speed work in one run on one NVIDIA GPU, sized for a
 # short lease (one H200, about 8 minutes; split it with STAGES over two calls if needed):
 #   tests  the cuDNN attention tests on the GPU against the fp32 path (tests/test_attention.py),
-#          and the two LayerNorm forms against each other (tests/test_layer_norm.py);
+#          and the LayerNorm forms against each other, the Pallas (Triton) one compiled for the
+#          GPU (tests/test_layer_norm.py);
 #   crate  the CRATE-MAE-B train step: attention "auto" (cuDNN in bf16, tokens padded to 256),
 #          XLA's symmetric form, the visible-only encoder, LayerNorm by autodiff (ln_autodiff:
 #          the step before its GPU form), cuDNN with tokens padded to 198 (attn_cudnn_even:
-#          compare its loss), beside PyTorch eager, SDPA and torch.compile;
+#          compare its loss), the Pallas LayerNorm forward (ln_pallas_gpu), beside PyTorch
+#          eager, SDPA and torch.compile;
 #   vit    the ViT-MAE-B train step: "auto" (cuDNN), XLA's autodiff form, attn_cudnn_even,
 #          beside PyTorch SDPA;
 # A variant that fails (a kernel the GPU rejects) is a row saying so; the others still count,
@@ -44,7 +46,7 @@ PYTHON=${PYTHON:-python3}
 CRATE_CONFIG=${CRATE_CONFIG:-configs/imagenet_mae.py:variant=base}
 VIT_CONFIG=${VIT_CONFIG:-configs/imagenet_mae.py:model=mae_vit_base}
 CONFIG_FLAGS=${CONFIG_FLAGS:-}
-CRATE_VARIANTS=${CRATE_VARIANTS:-default,attn_symmetric,visible,ln_autodiff,attn_cudnn_even}
+CRATE_VARIANTS=${CRATE_VARIANTS:-default,attn_symmetric,visible,ln_autodiff,attn_cudnn_even,ln_pallas_gpu}
 CRATE_TORCH=${CRATE_TORCH-torch_eager,torch_sdpa,torch_compile}
 VIT_VARIANTS=${VIT_VARIANTS:-default,attn_autodiff,attn_cudnn_even}
 VIT_TORCH=${VIT_TORCH-torch_sdpa}

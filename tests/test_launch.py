@@ -328,7 +328,7 @@ def test_gpu_benchmark_dry_run_measures_what_the_targets_name(tmp_path):
         for flag in ("--config.batch_size=256", "--config.model.dtype=bfloat16", "--config.model.scan_layers=False",
                      "--steps=12", "--warmup=3", "--torch"):  # fmt: skip
             assert flag in cmd
-    assert "--variants=default,attn_symmetric,visible,ln_autodiff,attn_cudnn_even" in crate
+    assert "--variants=default,attn_symmetric,visible,ln_autodiff,attn_cudnn_even,ln_pallas_gpu" in crate
     assert "--torch_variants=torch_eager,torch_sdpa,torch_compile" in crate
     assert "--variants=default,attn_autodiff,attn_cudnn_even" in vit and "--torch_variants=torch_sdpa" in vit
     assert f"--out={tmp_path}/crate.json" in crate and "--profile=/tmp/crate_jax_profile/vit" in vit

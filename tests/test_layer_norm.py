@@ -12,7 +12,7 @@ from crate_jax import models
 from crate_jax.models import layer_norm as ln
 from crate_jax.models import layers
 
-SAVED = ("saved_stats", "saved_stats_pinned")  # the custom_vjp forms, each against autodiff
+SAVED = ("saved_stats", "saved_stats_pinned", "pallas_gpu")  # the custom_vjp forms, each against autodiff
 
 
 def _inputs(dtype, shape=(3, 5, 64)):
@@ -106,6 +106,9 @@ def _jaxpr(mesh, form: str, grad: bool = False) -> str:
 def test_bad_form_is_named():
     with pytest.raises(ValueError, match="layer_norm_form='fused'"):
         ln.resolve("fused")
+    wide = jnp.ones((2, ln.PALLAS_MAX_WIDTH + 1))
+    with pytest.raises(ValueError, match=f"layer_norm_form='pallas_gpu' takes at most {ln.PALLAS_MAX_WIDTH} features"):
+        ln.layer_norm(wide, wide[0], wide[0], 1e-5, jnp.float32, "pallas_gpu")
     with pytest.raises(ValueError, match="model.layer_norm_form='fused'"):
         models.build("crate_mae_tiny", layer_norm_form="fused")
 
@@ -139,3 +142,42 @@ def test_model_step_is_the_same_with_either_form(name, form):
     np.testing.assert_allclose(float(ls), float(la), rtol=1e-6)
     for path, a, b in zip(paths, jax.tree.leaves(ga), jax.tree.leaves(gs), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+_SHARDED_SCRIPT = """
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+from crate_jax.models import layer_norm as ln
+mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+rules = (("act_batch", "data"), ("act_length", None))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(4, 6, 64)) * 2 + 1, jnp.float32)
+scale, bias = jnp.asarray(1 + 0.1 * rng.normal(size=64), jnp.float32), jnp.asarray(rng.normal(size=64), jnp.float32)
+w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+def grads(form):
+    f = lambda x, s, b: jnp.sum(ln.layer_norm(x, s, b, 1e-5, jnp.float32, form) * w)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    assert "shard_map" in str(jax.make_jaxpr(grads("pallas_gpu"))(x, scale, bias))
+    (la, ga), (lp, gp) = grads("autodiff")(x, scale, bias), grads("pallas_gpu")(x, scale, bias)
+np.testing.assert_allclose(float(lp), float(la), rtol=1e-5)
+for a, p in zip(ga, gp):
+    np.testing.assert_allclose(np.asarray(p), np.asarray(a), rtol=1e-4, atol=1e-5)
+x2 = jax.device_put(x[:, 0], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    f2 = jax.jit(lambda form: ln.layer_norm(x2, scale, bias, 1e-5, jnp.float32, form), static_argnums=0)
+    np.testing.assert_allclose(np.asarray(f2("pallas_gpu")), np.asarray(f2("autodiff")), rtol=1e-5, atol=1e-5)
+print("ok", len(jax.devices()))
+"""
+
+
+def test_pallas_gpu_form_inside_shard_map_on_four_devices():
+    """On a data × tensor mesh the Pallas forward runs per shard of the batch (shard_map: a
+    Triton call is not partitioned by XLA) and the step equals autodiff's (interpreted here)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "ok 4" in proc.stdout, proc.stderr[-3000:]

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from crate_jax.models.layers import ACT_BATCH, ACT_HEADS, ACT_LENGTH, trace_platform
+from crate_jax.models.layers import ACT_BATCH, ACT_HEADS, ACT_LENGTH, shard_spec, trace_platform
 
 MSSA_IMPLS = ("auto", "symmetric", "autodiff", "dot_product", "cudnn", "pallas_tpu")
 VIT_IMPLS = ("auto", "autodiff", "dot_product", "cudnn", "pallas_tpu")
@@ -194,22 +194,9 @@ def _pallas_tpu(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float):
         out = local(q, k, v)
     else:
         # Batch and heads as the activations are sharded; tokens and head dim whole per shard.
-        spec = nn.logical_to_mesh_axes((ACT_BATCH, ACT_HEADS, None, None))
-        spec = jax.sharding.PartitionSpec(*(_divides(a, mesh, size) for a, size in zip(spec, q.shape, strict=True)))
+        spec = shard_spec((ACT_BATCH, ACT_HEADS, None, None), mesh, q.shape)
         out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(q, k, v)
     return out.transpose(0, 2, 1, 3)
-
-
-def _divides(axes, mesh, size: int):
-    """A PartitionSpec entry: the mesh axes this mesh has, or None (replicated) where they do
-    not divide the dimension (e.g. the one-image batch `model.init` traces)."""
-    if axes is None:
-        return None
-    kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
-    shards = 1
-    for a in kept:
-        shards *= mesh.shape[a]
-    return kept if kept and size % shards == 0 else None
 
 
 def mssa(

@@ -27,6 +27,17 @@ backward pass reads, which decides how XLA fuses it:
                         slowly (the Tiny step above: 36.7 and 36.6 img/s against 38.7 and
                         36.5 for autodiff in the same runs), and TPUs move more bytes with
                         this form (CRATE-MAE-B on v5e-256: 37.4 GB per chip).
+  "pallas_gpu"          the pinned form's backward after a Pallas (Triton) forward kernel that
+                        reads each row once (one token's row per program, held in registers):
+                        statistics, normalised output and the saved mean and 1/std in one pass,
+                        where XLA:GPU's forward reads the input three times (mean, variance,
+                        normalise). Rows up to `PALLAS_MAX_WIDTH` features. Runs inside
+                        `shard_map` over the activations' batch and token axes (a Triton call
+                        is not partitioned automatically); elsewhere than on a GPU, Pallas's
+                        interpreter runs it (tests). Not in `auto`: compiled for an H200 without
+                        one, the CRATE-MAE-B step (batch 256) moves 129.9 GB against 132.9 with
+                        the pinned form, since XLA no longer fuses the residual add and ISTA's
+                        ReLU into the LayerNorm's forward; no GPU timing yet.
 
 "auto" (the models' `layer_norm_form` default) picks one from `FORM` by the platform the
 step is traced for (`layers.trace_platform`, so an ahead-of-time compile for a GPU on a CPU host
@@ -41,9 +52,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from crate_jax.models.layers import trace_platform
+from crate_jax.models.layers import ACT_BATCH, ACT_LENGTH, shard_spec, trace_platform
 
-FORMS = ("auto", "autodiff", "saved_stats", "saved_stats_pinned")
+FORMS = ("auto", "autodiff", "saved_stats", "saved_stats_pinned", "pallas_gpu")
 # "auto": by the traced platform. Why each entry: see the module docstring.
 FORM = {"gpu": "saved_stats_pinned", "cpu": "saved_stats", "tpu": "saved_stats"}
 
@@ -98,6 +109,77 @@ def _saved_stats_bwd(eps, dtype, pinned, residuals, dy):
 
 _saved_stats.defvjp(_saved_stats_fwd, _saved_stats_bwd)
 
+PALLAS_MAX_WIDTH = 8192  # one row per program, in registers: Triton blocks are powers of two
+
+
+def _row_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, eps: float, block: int):
+    """One row: two-pass fp32 statistics over the values already loaded, then the output."""
+    from jax.experimental.pallas import triton as plgpu
+
+    n = x_ref.shape[0]
+    cols = jnp.arange(block)
+    valid = cols < n
+    x32 = plgpu.load(x_ref.at[cols], mask=valid, other=0.0).astype(jnp.float32)
+    mean = jnp.sum(x32) / n
+    centred = jnp.where(valid, x32 - mean, 0.0)
+    rstd = jax.lax.rsqrt(jnp.sum(centred * centred) / n + eps)
+    scale = plgpu.load(scale_ref.at[cols], mask=valid, other=0.0).astype(jnp.float32)
+    bias = plgpu.load(bias_ref.at[cols], mask=valid, other=0.0).astype(jnp.float32)
+    plgpu.store(y_ref.at[cols], (centred * rstd * scale + bias).astype(y_ref.dtype), mask=valid)
+    mean_ref[...] = mean
+    rstd_ref[...] = rstd
+
+
+def _pallas_rows(x, scale, bias, eps: float, dtype, interpret: bool):
+    """(..., n) -> output (..., n) in `dtype`, mean and 1/std (..., 1) in fp32."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    n = x.shape[-1]
+    if n > PALLAS_MAX_WIDTH:
+        raise ValueError(f"model.layer_norm_form='pallas_gpu' takes at most {PALLAS_MAX_WIDTH} features, not {n}")
+    block = max(pl.next_power_of_2(n), 32)
+    row = pl.pallas_call(
+        functools.partial(_row_kernel, eps=eps, block=block),
+        out_shape=(
+            jax.ShapeDtypeStruct((n,), dtype),
+            jax.ShapeDtypeStruct((), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.float32),
+        ),
+        compiler_params=plgpu.CompilerParams(num_warps=min(max(block // 256, 1), 8)),
+        interpret=interpret,
+        name="layer_norm_rows",
+    )
+    y, mean, rstd = jax.vmap(row, in_axes=(0, None, None))(x.reshape(-1, n), scale, bias)  # a grid over rows
+    return y.reshape(x.shape), mean.reshape(*x.shape[:-1], 1), rstd.reshape(*x.shape[:-1], 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _pallas_gpu(x, scale, bias, eps: float, dtype) -> jax.Array:
+    return _pallas_gpu_fwd(x, scale, bias, eps, dtype)[0]
+
+
+def _pallas_gpu_fwd(x, scale, bias, eps, dtype):
+    local = functools.partial(_pallas_rows, eps=eps, dtype=dtype, interpret=trace_platform() != "gpu")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        y, mean, rstd = local(x, scale, bias)
+    else:  # batch (and tokens) sharded as the activations are; each shard's rows whole
+        logical = (ACT_BATCH, ACT_LENGTH, None) if x.ndim == 3 else (ACT_BATCH,) + (None,) * (x.ndim - 1)
+        spec = shard_spec(logical, mesh, x.shape)
+        replicated = jax.sharding.PartitionSpec()
+        y, mean, rstd = jax.shard_map(
+            local, mesh=mesh, in_specs=(spec, replicated, replicated), out_specs=(spec,) * 3, check_vma=False
+        )(x, scale, bias)
+    return y, (x, scale, bias, mean, rstd)
+
+
+def _pallas_gpu_bwd(eps, dtype, residuals, dy):
+    return _saved_stats_bwd(eps, dtype, True, residuals, dy)
+
+
+_pallas_gpu.defvjp(_pallas_gpu_fwd, _pallas_gpu_bwd)
+
 
 def resolve(form: str) -> str:
     """The form `form` names; "auto" looked up in `FORM` for the traced platform."""
@@ -111,6 +193,8 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, dtyp
     form = resolve(form)
     if form == "autodiff":
         return _autodiff(x, scale, bias, eps, dtype)
+    if form == "pallas_gpu":
+        return _pallas_gpu(x, scale, bias, eps, jnp.dtype(dtype))
     return _saved_stats(x, scale, bias, eps, dtype, form == "saved_stats_pinned")
 
 

@@ -36,6 +36,26 @@ def trace_platform() -> str:
     return "gpu" if where in ("gpu", "cuda", "rocm") else where
 
 
+def dividing_axes(axes, mesh, size: int):
+    """A PartitionSpec entry: the mesh axes this mesh has, or None (replicated) where they do
+    not divide the dimension (e.g. the one-image batch `model.init` traces)."""
+    if axes is None:
+        return None
+    kept = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a in mesh.axis_names)
+    shards = 1
+    for a in kept:
+        shards *= mesh.shape[a]
+    return kept if kept and size % shards == 0 else None
+
+
+def shard_spec(logical_axes: tuple, mesh, shape: tuple[int, ...]) -> jax.sharding.PartitionSpec:
+    """The PartitionSpec of an array with these logical axes (the current axis rules) on
+    `mesh`, each dimension split only where its mesh axes divide it: for `shard_map` around a
+    kernel XLA cannot partition (Pallas, Triton)."""
+    axes = nn.logical_to_mesh_axes(logical_axes)
+    return jax.sharding.PartitionSpec(*(dividing_axes(a, mesh, n) for a, n in zip(axes, shape, strict=True)))
+
+
 def uniform_bias(fan_in: int):
     """PyTorch's default conv/linear bias init: U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)

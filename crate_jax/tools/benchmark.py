@@ -78,6 +78,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ln_autodiff": {"layer_norm_form": "autodiff"},  # models/layer_norm.py
     "ln_saved_stats": {"layer_norm_form": "saved_stats"},
     "ln_saved_stats_pinned": {"layer_norm_form": "saved_stats_pinned"},
+    "ln_pallas_gpu": {"layer_norm_form": "pallas_gpu"},  # the Pallas (Triton) forward kernel
 }
 
 # Dense bf16 peak per chip from the vendors' data sheets, by a substring of JAX's device_kind
