@@ -118,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.cudnn_token_multiple = 128
     # How each LayerNorm's backward is written, not what it computes (models/layer_norm.py):
     # auto (saved_stats_pinned on GPUs: fewer HBM bytes there; saved_stats on CPUs and TPUs)
-    # | autodiff | saved_stats | saved_stats_pinned.
+    # | autodiff | saved_stats | saved_stats_pinned | pallas_gpu (a Triton forward kernel, for GPUs).
     config.model.layer_norm_form = "auto"
     if name.startswith("crate_mae"):
         config.model.encoder_tokens = "all"  # "visible": the efficient variant (needs its own pretraining)

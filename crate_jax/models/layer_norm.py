@@ -1,7 +1,8 @@
-"""LayerNorm over the last axis in fp32 (biased variance, as PyTorch), in three exact forms.
+"""LayerNorm over the last axis in fp32 (biased variance, as PyTorch), in four exact forms.
 
 All compute the same two-pass statistics and the same output; they differ in what the
-backward pass reads, which decides how XLA fuses it:
+backward pass reads (and, for "pallas_gpu", in who writes the forward), which decides how
+XLA fuses them:
 
   "autodiff"            the forward written out, gradient by autodiff: the LayerNorms as
                         they were before the other two forms.
