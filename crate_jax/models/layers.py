@@ -36,7 +36,7 @@ def trace_platform() -> str:
     return "gpu" if where in ("gpu", "cuda", "rocm") else where
 
 
-def dividing_axes(axes, mesh, size: int):
+def _dividing_axes(axes, mesh, size: int):
     """A PartitionSpec entry: the mesh axes this mesh has, or None (replicated) where they do
     not divide the dimension (e.g. the one-image batch `model.init` traces)."""
     if axes is None:
@@ -53,7 +53,7 @@ def shard_spec(logical_axes: tuple, mesh, shape: tuple[int, ...]) -> jax.shardin
     `mesh`, each dimension split only where its mesh axes divide it: for `shard_map` around a
     kernel XLA cannot partition (Pallas, Triton)."""
     axes = nn.logical_to_mesh_axes(logical_axes)
-    return jax.sharding.PartitionSpec(*(dividing_axes(a, mesh, n) for a, n in zip(axes, shape, strict=True)))
+    return jax.sharding.PartitionSpec(*(_dividing_axes(a, mesh, n) for a, n in zip(axes, shape, strict=True)))
 
 
 def uniform_bias(fan_in: int):
