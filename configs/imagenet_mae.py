@@ -113,9 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # autodiff form on TPUs, the symmetric form on CPUs); or symmetric | autodiff | dot_product
     # | cudnn | pallas_tpu (symmetric is CRATE-MAE's only).
     config.model.attention = "auto"
-    # cuDNN pads the tokens to a multiple of this (128: whole tiles, the measured path; 2: the
-    # least JAX takes in training, 197 -> 198, fewer bytes, unverified on a GPU; README).
-    config.model.cudnn_token_multiple = 128
+    # cuDNN pads the tokens to a multiple of this (2: the least JAX takes in training, 197 -> 198,
+    # padded before the projections; 128: whole 128-token tiles, 197 -> 256, more bytes; README).
+    config.model.cudnn_token_multiple = 2
     # How each LayerNorm's backward is written, not what it computes (models/layer_norm.py):
     # auto (saved_stats_pinned on GPUs: fewer HBM bytes there; saved_stats on CPUs and TPUs)
     # | autodiff | saved_stats | saved_stats_pinned | pallas_gpu (a Triton forward kernel, for GPUs).

@@ -4,12 +4,12 @@
 #   tests  the cuDNN attention tests on the GPU against the fp32 path (tests/test_attention.py),
 #          and the LayerNorm forms against each other, the Pallas (Triton) one compiled for the
 #          GPU (tests/test_layer_norm.py);
-#   crate  the CRATE-MAE-B train step: attention "auto" (cuDNN in bf16, tokens padded to 256),
+#   crate  the CRATE-MAE-B train step: attention "auto" (cuDNN in bf16, tokens padded to 198),
 #          XLA's symmetric form, the visible-only encoder, LayerNorm by autodiff (ln_autodiff:
-#          the step before its GPU form), cuDNN with tokens padded to 198 (attn_cudnn_even:
-#          compare its loss), the Pallas LayerNorm forward (ln_pallas_gpu), beside PyTorch
-#          eager, SDPA and torch.compile;
-#   vit    the ViT-MAE-B train step: "auto" (cuDNN), XLA's autodiff form, attn_cudnn_even,
+#          the step before its GPU form), cuDNN with tokens padded to 256 (attn_cudnn_128: the
+#          whole-tile padding auto used before; compare its loss), the Pallas LayerNorm forward
+#          (ln_pallas_gpu), beside PyTorch eager, SDPA and torch.compile;
+#   vit    the ViT-MAE-B train step: "auto" (cuDNN), XLA's autodiff form, attn_cudnn_128,
 #          beside PyTorch SDPA;
 # A variant that fails (a kernel the GPU rejects) is a row saying so; the others still count,
 # and each stage's JSON is rewritten after every row (a stage cut short keeps its rows).
@@ -46,9 +46,9 @@ PYTHON=${PYTHON:-python3}
 CRATE_CONFIG=${CRATE_CONFIG:-configs/imagenet_mae.py:variant=base}
 VIT_CONFIG=${VIT_CONFIG:-configs/imagenet_mae.py:model=mae_vit_base}
 CONFIG_FLAGS=${CONFIG_FLAGS:-}
-CRATE_VARIANTS=${CRATE_VARIANTS:-default,attn_symmetric,visible,ln_autodiff,attn_cudnn_even,ln_pallas_gpu}
+CRATE_VARIANTS=${CRATE_VARIANTS:-default,attn_symmetric,visible,ln_autodiff,attn_cudnn_128,ln_pallas_gpu}
 CRATE_TORCH=${CRATE_TORCH-torch_eager,torch_sdpa,torch_compile}
-VIT_VARIANTS=${VIT_VARIANTS:-default,attn_autodiff,attn_cudnn_even}
+VIT_VARIANTS=${VIT_VARIANTS:-default,attn_autodiff,attn_cudnn_128}
 VIT_TORCH=${VIT_TORCH-torch_sdpa}
 PROFILE_DIR=${PROFILE_DIR-/tmp/crate_jax_profile}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-330}

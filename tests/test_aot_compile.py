@@ -27,8 +27,9 @@ needs_libtpu = pytest.mark.skipif(
 
 
 def _has_cuda_plugin() -> bool:
+    """JAX's CUDA 12 plugin (the `gpu` extra) or CUDA 13 one (jax >= 0.11, the GPU image's)."""
     try:
-        return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
     except ModuleNotFoundError:  # no jax_plugins namespace at all
         return False
 
@@ -239,14 +240,18 @@ def test_saved_stats_layer_norms_move_fewer_hbm_bytes_on_an_h200(tmp_path):
     """`auto` LayerNorms on a GPU (saved statistics) against autodiff, CRATE-MAE-B at batch 64
     compiled for an H200: fewer bytes by the HLO count (README: 150 -> 133 GB at batch 256).
     At toy sizes (`runlocal`) the count goes the other way, so this compiles Base. The Pallas
-    forward (`pallas_gpu`) compiles to a Triton kernel and fewer bytes again (README: 130 GB)."""
+    forward (`pallas_gpu`) compiles to a Triton kernel and fewer bytes again (README: 130 GB).
+    All with cuDNN's whole-tile padding (197 -> 256), where the Pallas forward was measured: with
+    the default padding (198, zero rows before the projections, which XLA fuses into its own
+    LayerNorm forward) it saves nothing (README: 118 GB either way)."""
     hbm = {}
     for form in ("autodiff", "auto", "pallas_gpu"):
         out = tmp_path / f"{form}.json"
         proc = subprocess.run(
             [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=base",
              "--config.batch_size=64", "--config.model.scan_layers=False", "--config.model.dtype=bfloat16",
-             f"--config.model.layer_norm_form={form}", "--topology=h200", f"--out={out}",
+             "--config.model.cudnn_token_multiple=128", f"--config.model.layer_norm_form={form}", "--topology=h200",
+             f"--out={out}",
              f"--dump_hlo={tmp_path}/{form}.hlo"],
             cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
         )  # fmt: skip
@@ -256,3 +261,27 @@ def test_saved_stats_layer_norms_move_fewer_hbm_bytes_on_an_h200(tmp_path):
     assert hbm["pallas_gpu"] < hbm["auto"], hbm
     triton = "__gpu$xla.gpu.triton"
     assert triton in (tmp_path / "pallas_gpu.hlo").read_text() and triton not in (tmp_path / "auto.hlo").read_text()
+
+
+@needs_cuda_plugin
+def test_cudnn_rows_padded_before_the_projections_move_fewer_bytes_on_an_h200(tmp_path):
+    """cuDNN's token padding on CRATE-MAE-B at batch 64 compiled for an H200: `auto` (197 -> 198,
+    the zero row added before the projections) against whole 128-token tiles (197 -> 256,
+    padded around the kernel call), fewer HBM bytes (README: 118 against 133 GB at batch 256)."""
+    hbm = {}
+    for multiple in (2, 128):
+        out = tmp_path / f"{multiple}.json"
+        proc = subprocess.run(
+            [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=base",
+             "--config.batch_size=64", "--config.model.scan_layers=False", "--config.model.dtype=bfloat16",
+             f"--config.model.cudnn_token_multiple={multiple}", "--topology=h200", f"--out={out}",
+             f"--dump_hlo={tmp_path}/{multiple}.hlo"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        hbm[multiple] = json.loads(out.read_text())["hbm"]["bytes_per_chip"]
+    assert hbm[2] < 0.95 * hbm[128], hbm
+    # The kernel sees 198 tokens, and the qkv projection runs on the padded rows: 64 x 198 of them.
+    text = (tmp_path / "2.hlo").read_text()
+    assert "bf16[64,12,198,64]" in text and "bf16[12672,768]" in text
+    assert "bf16[64,12,256,64]" in (tmp_path / "128.hlo").read_text()

@@ -183,6 +183,62 @@ def _cudnn_through_xla(monkeypatch):
     return calls
 
 
+def test_projection_tokens():
+    """Where the zero rows for cuDNN are added: before the projections when they are few
+    (197 -> 198), around the kernel call when many (197 -> 256); other implementations none."""
+    assert attention.CUDNN_TOKEN_MULTIPLE == 2
+    assert attention.projection_tokens(197, "cudnn", 2) == 198
+    assert attention.projection_tokens(17, "cudnn", 2) == 18  # 1/17 of the rows: still under 1/16
+    assert attention.projection_tokens(15, "cudnn", 2) == 15  # 1/15: over, the call pads
+    assert attention.projection_tokens(50, "cudnn", 2) == 50  # even: no padding at all
+    assert attention.projection_tokens(197, "cudnn", 128) == 197
+    assert attention.projection_tokens(197, "dot_product", 2) == 197
+
+
+def test_padded_tokens_need_the_masking_implementation():
+    u = _u(tokens=6)
+    with pytest.raises(ValueError, match="6 tokens of which 5 real: only attention 'cudnn' masks padded tokens"):
+        attention.mssa(u, 0.25, "symmetric", valid=5)
+    with pytest.raises(ValueError, match="only attention 'cudnn'"):
+        attention.attend(u, u, u, 0.25, "dot_product", jnp.float32, valid=5)
+
+
+@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_base"])
+def test_projections_on_padded_rows_are_exact(monkeypatch, name):
+    """The cuDNN path with its zero rows added before the projections (65 -> 66 tokens, and the
+    ViT's 17 visible -> 18), run in fp32 with XLA answering the kernel call: loss and every
+    gradient equal the unpadded default's to fp32 rounding, so no padded row reaches the loss
+    or a weight gradient (the output projection's bias makes the padded rows nonzero)."""
+    size = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4) if name == "mae_vit_base" else TINY
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    noise = np.random.default_rng(1).uniform(size=(4, 64)).astype(np.float32)
+    ref_model = models.build(name, **size)
+    params = ref_model.init(jax.random.key(0), images)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)  # nonzero biases everywhere
+
+    def loss_and_grad(model):
+        fn = lambda p: model.apply({"params": p}, images, noise=noise).loss  # noqa: E731
+        return jax.value_and_grad(fn)(params)
+
+    ref_loss, ref_grad = loss_and_grad(ref_model)
+    calls = _cudnn_through_xla(monkeypatch)
+    monkeypatch.setattr(attention, "_HALF", ("bfloat16", "float16", "float32"))  # the kernel is XLA's here
+    model = models.build(name, attention="cudnn", cudnn_token_multiple=2, **size)
+    loss, grad = loss_and_grad(model)
+    jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, images, noise=noise).loss)(params))
+    padded_inputs = ["f32[4,18,64]", "f32[4,66,32]"] if name == "mae_vit_base" else ["f32[4,66,64]"]
+    assert all(shape in jaxpr for shape in padded_inputs)  # the projections' inputs, padded
+    assert calls and all(c[1][1] % 2 == 0 and c[2] for c in calls)
+    assert rel(loss, ref_loss) < 1e-6
+    # Per leaf, against the leaf's norm or a thousandth of the whole gradient's (a key bias's
+    # gradient is zero up to rounding: softmax does not see a shift shared by every key).
+    floor = 1e-3 * float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(ref_grad))))
+    paths = jax.tree_util.tree_leaves_with_path(grad)
+    for (path, g), ref_g in zip(paths, jax.tree.leaves(ref_grad), strict=True):
+        error = np.linalg.norm(np.asarray(g, np.float64) - np.asarray(ref_g, np.float64))
+        assert error < 1e-5 * max(np.linalg.norm(ref_g), floor), jax.tree_util.keystr(path)
+
+
 @pytest.mark.parametrize("name, multiple", [("crate_mae_tiny", 128), ("mae_vit_base", 128), ("crate_mae_tiny", 2)])
 def test_cudnn_path_in_bf16_against_fp32(monkeypatch, name, multiple):
     """The cuDNN implementation's whole path (bf16, padding, masks) within the GPU test's
@@ -203,7 +259,29 @@ def test_cudnn_path_in_bf16_against_fp32(monkeypatch, name, multiple):
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")
-@pytest.mark.parametrize("name, multiple", [("crate_mae_tiny", 128), ("mae_vit_base", 128), ("crate_mae_tiny", 2)])
+@pytest.mark.parametrize("tokens, multiple, prepadded", [(197, 2, True), (197, 128, False), (50, 2, False)])
+def test_cudnn_kernel_at_the_base_models_token_counts(tokens, multiple, prepadded):
+    """cuDNN's kernel as CRATE-MAE-B's step calls it (12 heads of 64; 197 tokens padded to 198
+    before the projections, or to 256 around the call; the visible-only encoder's 50, no mask),
+    output and gradient in bf16 against the fp32 symmetric form."""
+    u = _u(batch=8, tokens=tokens, heads=12, head_dim=64) * 0.3
+    rows = attention.projection_tokens(tokens, "cudnn", multiple) if prepadded else tokens
+    assert rows == (198 if prepadded else tokens)
+
+    def fused(x):
+        out = attention.mssa(attention.pad_rows(x, rows), 0.125, "cudnn", multiple, valid=tokens)
+        return out[:, :tokens]
+
+    ref = lambda x: attention.mssa(x, 0.125, "symmetric")  # noqa: E731
+    ub = u.astype(jnp.bfloat16)
+    assert rel(jax.jit(fused)(ub), ref(u)) < 2e-2
+    assert rel(jax.jit(jax.grad(_loss(fused)))(ub), jax.grad(_loss(ref))(u)) < 5e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "name, multiple", [("crate_mae_tiny", 2), ("mae_vit_base", 2), ("crate_mae_tiny", 128), ("mae_vit_base", 128)]
+)
 def test_cudnn_kernel_on_gpu_against_fp32(name, multiple):
     size = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4) if name == "mae_vit_base" else TINY
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)

@@ -328,9 +328,9 @@ def test_gpu_benchmark_dry_run_measures_what_the_targets_name(tmp_path):
         for flag in ("--config.batch_size=256", "--config.model.dtype=bfloat16", "--config.model.scan_layers=False",
                      "--steps=12", "--warmup=3", "--torch"):  # fmt: skip
             assert flag in cmd
-    assert "--variants=default,attn_symmetric,visible,ln_autodiff,attn_cudnn_even,ln_pallas_gpu" in crate
+    assert "--variants=default,attn_symmetric,visible,ln_autodiff,attn_cudnn_128,ln_pallas_gpu" in crate
     assert "--torch_variants=torch_eager,torch_sdpa,torch_compile" in crate
-    assert "--variants=default,attn_autodiff,attn_cudnn_even" in vit and "--torch_variants=torch_sdpa" in vit
+    assert "--variants=default,attn_autodiff,attn_cudnn_128" in vit and "--torch_variants=torch_sdpa" in vit
     assert f"--out={tmp_path}/crate.json" in crate and "--profile=/tmp/crate_jax_profile/vit" in vit
     unknown = run_script("gpu_benchmark.sh", str(tmp_path), env=_env(DRY_RUN="1", STAGES="nope"), check=False)
     assert unknown.returncode == 2 and "unknown stage nope" in unknown.stderr
@@ -351,10 +351,10 @@ def test_gpu_benchmark_runs_a_stage_on_this_machine(tmp_path):
     assert "jax" in (tmp_path / "env.txt").read_text()
     # A variant that fails (cuDNN asked for in fp32 on a CPU) is a row saying so, the others'
     # rows stay, and the stage's failure is the script's exit status.
-    env |= {"CRATE_VARIANTS": "attn_cudnn_even,default"}
+    env |= {"CRATE_VARIANTS": "attn_cudnn_128,default"}
     proc = subprocess.run(["bash", str(LAUNCH / "gpu_benchmark.sh"), str(tmp_path)], capture_output=True, text=True,
                           env=env, timeout=240)  # fmt: skip
     assert proc.returncode != 0 and "== crate: exit 1" in proc.stdout
     failed, ok = json.loads((tmp_path / "crate.json").read_text())
-    assert failed["variant"] == "attn_cudnn_even" and "needs model.dtype bfloat16" in failed["error"]
-    assert ok["variant"] == "default" and ok["images_per_sec"] > 0 and "attn_cudnn_even" in proc.stdout
+    assert failed["variant"] == "attn_cudnn_128" and "needs model.dtype bfloat16" in failed["error"]
+    assert ok["variant"] == "default" and ok["images_per_sec"] > 0 and "attn_cudnn_128" in proc.stdout

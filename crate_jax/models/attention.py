@@ -13,7 +13,8 @@ head dim). CRATE's MSSA calls `mssa` (q = k = v = u); the ViT baseline calls `at
   "cudnn"        cuDNN's fused flash attention (`implementation="cudnn"`; CUDA GPUs,
                  bf16/fp16 only): no B×K×N×N tensor in HBM. Tokens are padded with zeros to a
                  multiple of `CUDNN_TOKEN_MULTIPLE` and the padded keys masked through
-                 `key_value_seq_lengths` (see `padded_dot_product`).
+                 `key_value_seq_lengths` (see `padded_dot_product`); where that adds few
+                 rows, the models pad the projections' input instead (`projection_tokens`).
   "pallas_tpu"   the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu`),
                  padded to `PALLAS_TOKEN_MULTIPLE` with padded keys masked by segment ids,
                  inside `shard_map` over the mesh's batch and head axes (Mosaic kernels are not
@@ -38,13 +39,18 @@ MSSA_IMPLS = ("auto", "symmetric", "autodiff", "dot_product", "cudnn", "pallas_t
 VIT_IMPLS = ("auto", "autodiff", "dot_product", "cudnn", "pallas_tpu")
 ATTENTION_IMPLS = MSSA_IMPLS  # every name some model takes
 
-# cuDNN's flash kernels work in 64/128-token tiles. Padding to whole 128-token tiles means no
-# tile is partly out of range (197 -> 256, the visible-only encoder's 50 -> 128); the cuDNN
-# bugs reported around partial tiles (e.g. pytorch#196678, seq_len % 128 == 64 with a mask)
-# cannot be reached. The default of the models' `cudnn_token_multiple`; 2 is the least JAX's
-# cuDNN wrapper takes in training (it rejects an odd count: 197 -> 198, 50 unpadded), 7% fewer
-# HBM bytes in the compiled CRATE-MAE-B step on an H200, but unverified on a GPU (README).
-CUDNN_TOKEN_MULTIPLE = 128
+# The default of the models' `cudnn_token_multiple`: 2, the least JAX's cuDNN wrapper takes in
+# training (it rejects an odd count: 197 -> 198; the visible-only encoder's 50 unpadded).
+# cuDNN's support matrix (9.x, Hopper, forward and backward) sets no multiple on the token
+# count, and the partial-tile bug class reported for it (cudnn-frontend#628, pytorch#196678: an
+# out-of-range key tile scored 0, NaN gradients when a row's log-sum-exp is below -88.7, only
+# for counts of 64 mod 128) cannot be reached here: 198 and 50 are not 64 mod 128, the padded
+# key is masked, and MSSA's log-sum-exp is never negative (each row's own logit is |u|²·scale).
+# The compiled CRATE-MAE-B step on an H200 moves 118 GB with it, 133 GB with 128 (whole
+# 128-token tiles, 197 -> 256, still selectable); untimed on a GPU (README).
+CUDNN_TOKEN_MULTIPLE = 2
+# `projection_tokens`: pad before the projections when that adds at most 1/16 of the rows.
+PREPAD_MAX_FRACTION = 1 / 16
 # The Pallas TPU kernel's blocks are 128 tokens (`BlockSizes.get_default`, MIN_BLOCK_SIZE).
 PALLAS_TOKEN_MULTIPLE = 128
 
@@ -132,7 +138,30 @@ def _pad_tokens(x_BxNxKxP: jax.Array, tokens: int, axis: int = 1) -> jax.Array:
     return jnp.pad(x_BxNxKxP, pad)
 
 
-def padded_dot_product(q, k, v, scale: float, implementation: str, multiple: int = CUDNN_TOKEN_MULTIPLE):
+def projection_tokens(tokens: int, implementation: str, multiple: int = CUDNN_TOKEN_MULTIPLE) -> int:
+    """How many token rows an attention layer's projections run on (`implementation` resolved).
+
+    cuDNN's call needs the tokens padded to a multiple of `multiple`. Padding the input of the
+    projections instead (zero rows appended to x, the output projection's result sliced back)
+    lets XLA fuse the pad into the LayerNorm before it and the slice into the residual add after
+    it, where padding around the call writes three more copies per layer (u padded, the output
+    sliced, its gradient padded): the compiled CRATE-MAE-B step on an H200 moves 118 GB against
+    123 GB at 197 -> 198 tokens. At 197 -> 256 the projections' 30% more rows cost more than the
+    copies (135 against 133 GB), so beyond `PREPAD_MAX_FRACTION` more rows the call pads."""
+    if implementation != "cudnn":
+        return tokens
+    padded = _round_up(tokens, multiple)
+    return padded if padded - tokens <= tokens * PREPAD_MAX_FRACTION else tokens
+
+
+def pad_rows(x_BxNxD: jax.Array, tokens: int) -> jax.Array:
+    """x with zero token rows appended up to `tokens` (x itself if it has as many)."""
+    return x_BxNxD if x_BxNxD.shape[1] == tokens else _pad_tokens(x_BxNxD, tokens)
+
+
+def padded_dot_product(
+    q, k, v, scale: float, implementation: str, multiple: int = CUDNN_TOKEN_MULTIPLE, valid: int | None = None
+):
     """`jax.nn.dot_product_attention` on tokens padded with zeros to a multiple of `multiple`,
     exact to the unpadded call:
 
@@ -142,12 +171,21 @@ def padded_dot_product(q, k, v, scale: float, implementation: str, multiple: int
       they attend to the real keys, so every output row and every gradient row the kernel
       writes is defined. A kernel told `query_seq_lengths` = N may leave the padded rows of
       O, dQ, dK and dV unwritten; harmless only as long as nothing reads them;
-    * the padding is local to this call: pad, attend, slice. No padded row reaches a
-      LayerNorm, a weight gradient or the loss (the slice's transpose feeds zeros back, and
-      a zero output gradient gives padded rows zero contributions to dQ, dK and dV).
+    * no padded row reaches a LayerNorm, a weight gradient or the loss: the output is sliced
+      back, the slice's transpose feeds zeros back, and a zero output gradient gives padded
+      rows zero contributions to dQ, dK and dV (and so to the projections' weight gradients).
+
+    `valid`: the caller padded already (`projection_tokens`): the first `valid` of the
+    q.shape[1] tokens are real, the call masks the rest and returns every row. Otherwise
+    (None, or all real) this call pads, attends and slices.
 
     `implementation="xla"` runs the same masking on any backend (the CPU tests)."""
     b, n = q.shape[:2]
+    if valid is not None and valid != n:
+        lengths = jnp.full((b,), valid, jnp.int32)
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=implementation
+        )
     tokens = _round_up(n, multiple)
     if tokens == n:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
@@ -159,14 +197,14 @@ def padded_dot_product(q, k, v, scale: float, implementation: str, multiple: int
     return out[:, :n]
 
 
-def _cudnn(q, k, v, scale: float, multiple: int = CUDNN_TOKEN_MULTIPLE):
+def _cudnn(q, k, v, scale: float, multiple: int = CUDNN_TOKEN_MULTIPLE, valid: int | None = None):
     if jnp.dtype(q.dtype).name not in _HALF:
         raise ValueError(
             f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused kernel), got {q.dtype}"
         )
     if (where := trace_platform()) != "gpu":
         raise ValueError(f"model.attention='cudnn' runs on CUDA GPUs only, not on {where!r}")
-    return padded_dot_product(q, k, v, scale, "cudnn", multiple)
+    return padded_dot_product(q, k, v, scale, "cudnn", multiple, valid)
 
 
 def _flash_local(q_BxKxNxP, k_BxKxNxP, v_BxKxNxP, scale: float):
@@ -199,11 +237,24 @@ def _pallas_tpu(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float):
     return out.transpose(0, 2, 1, 3)
 
 
+def _check_prepadded(implementation: str, tokens: int, valid: int | None) -> None:
+    # Only the cuDNN path masks padded keys; any other would attend to them.
+    if valid is not None and valid != tokens and implementation != "cudnn":
+        raise ValueError(f"{tokens} tokens of which {valid} real: only attention 'cudnn' masks padded tokens")
+
+
 def mssa(
-    u_BxNxKxP: jax.Array, scale: float, implementation: str, cudnn_multiple: int = CUDNN_TOKEN_MULTIPLE
+    u_BxNxKxP: jax.Array,
+    scale: float,
+    implementation: str,
+    cudnn_multiple: int = CUDNN_TOKEN_MULTIPLE,
+    valid: int | None = None,
 ) -> jax.Array:
     """softmax(u uᵀ · scale) u, (B, N, K, P) -> (B, N, K, P); `implementation` resolved;
-    `cudnn_multiple`: the token count cuDNN's kernel gets is padded to a multiple of it."""
+    `cudnn_multiple`: the token count cuDNN's kernel gets is padded to a multiple of it;
+    `valid`: cuDNN only, the tokens are padded already and the first `valid` are real
+    (`padded_dot_product`)."""
+    _check_prepadded(implementation, u_BxNxKxP.shape[1], valid)
     if implementation in ("symmetric", "autodiff"):
         u_BxKxNxP = heads_major(u_BxNxKxP)
         if implementation == "symmetric":
@@ -211,7 +262,7 @@ def mssa(
         else:
             out_BxKxNxP = _softmax_attention(u_BxKxNxP, scale)[0]
         return out_BxKxNxP.transpose(0, 2, 1, 3)
-    return attend(u_BxNxKxP, u_BxNxKxP, u_BxNxKxP, scale, implementation, u_BxNxKxP.dtype, cudnn_multiple)
+    return attend(u_BxNxKxP, u_BxNxKxP, u_BxNxKxP, scale, implementation, u_BxNxKxP.dtype, cudnn_multiple, valid)
 
 
 def written_out(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float, dtype) -> tuple[jax.Array, jax.Array]:
@@ -230,14 +281,17 @@ def attend(
     implementation: str,
     dtype,
     cudnn_multiple: int = CUDNN_TOKEN_MULTIPLE,
+    valid: int | None = None,
 ) -> jax.Array:
-    """softmax(q kᵀ · scale) v, (B, N, K, P) each -> (B, N, K, P); `implementation` resolved."""
+    """softmax(q kᵀ · scale) v, (B, N, K, P) each -> (B, N, K, P); `implementation` resolved;
+    `cudnn_multiple` and `valid` as in `mssa`."""
+    _check_prepadded(implementation, q_BxNxKxP.shape[1], valid)
     if implementation == "autodiff":
         return written_out(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale, dtype)[0]
     if implementation == "dot_product":
         return jax.nn.dot_product_attention(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale=scale, implementation="xla")
     if implementation == "cudnn":
-        return _cudnn(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale, cudnn_multiple)
+        return _cudnn(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale, cudnn_multiple, valid)
     if implementation == "pallas_tpu":
         return _pallas_tpu(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale)
     raise ValueError(f"attention implementation {implementation!r} does not apply here")

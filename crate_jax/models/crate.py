@@ -78,7 +78,11 @@ class MSSA(nn.Module):
         if self.width % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} does not divide width={self.width}")
         head_dim = self.width // self.num_heads
-        u_BxNxD = nn.Dense(
+        implementation = attention.resolve(self.attention, self.dtype, "mssa")
+        n = x_BxNxD.shape[1]
+        # cuDNN: the projections may run on zero rows padded for the kernel (sliced back below).
+        rows = attention.projection_tokens(n, implementation, self.cudnn_token_multiple)
+        u_BxRxD = nn.Dense(
             self.width,
             dot_general=dense_dot_general,
             use_bias=False,
@@ -86,19 +90,19 @@ class MSSA(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(xavier_uniform, (EMBED, HEADS)),
             name="qkv",
-        )(x_BxNxD)
-        implementation = attention.resolve(self.attention, self.dtype, "mssa")
-        b, n, _ = u_BxNxD.shape
-        u_BxNxKxP = nn.with_logical_constraint(
-            u_BxNxD.reshape(b, n, self.num_heads, head_dim), (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)
+        )(attention.pad_rows(x_BxNxD, rows))
+        b = u_BxRxD.shape[0]
+        u_BxRxKxP = nn.with_logical_constraint(
+            u_BxRxD.reshape(b, rows, self.num_heads, head_dim), (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)
         )
         scale = head_dim**-0.5
-        out_BxNxD = attention.mssa(u_BxNxKxP, scale, implementation, self.cudnn_token_multiple)
-        out_BxNxD = out_BxNxD.reshape(b, n, self.width)
+        out_BxRxD = attention.mssa(u_BxRxKxP, scale, implementation, self.cudnn_token_multiple, valid=n)
+        out_BxRxD = out_BxRxD.reshape(b, rows, self.width)
         # Only for analysis (capture=True); unused, XLA drops it.
+        u_BxNxKxP = u_BxRxKxP[:, :n]
         attn_BxKxNxN = jax.lax.stop_gradient(_softmax_attention(attention.heads_major(u_BxNxKxP), scale)[1])
         if self.num_heads > 1:  # the release uses the identity when K = 1
-            out_BxNxD = nn.Dense(
+            out_BxRxD = nn.Dense(
                 self.width,
                 dot_general=dense_dot_general,
                 dtype=self.dtype,
@@ -106,8 +110,8 @@ class MSSA(nn.Module):
                 kernel_init=nn.with_logical_partitioning(xavier_uniform, (HEADS, EMBED)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
                 name="to_out",
-            )(out_BxNxD)
-        return out_BxNxD, attn_BxKxNxN, u_BxNxD
+            )(out_BxRxD)
+        return out_BxRxD[:, :n], attn_BxKxNxN, u_BxRxD[:, :n]
 
 
 def ista_form(rows: int, width: int) -> str:

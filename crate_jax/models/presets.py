@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax.models.attention import MSSA_IMPLS, VIT_IMPLS
+from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE, MSSA_IMPLS, VIT_IMPLS
 from crate_jax.models.layer_norm import FORMS as LAYER_NORM_FORMS
 from crate_jax.models.mae import LOSS_PATCHES, CrateMAE, ViTMAE, check_crate_options
 from crate_jax.models.stack import check_remat
@@ -113,7 +113,7 @@ def model_fields(name: str, **overrides) -> tuple[type, dict[str, Any]]:
     impls = MSSA_IMPLS if cls is CrateMAE else VIT_IMPLS
     if fields.get("attention", "auto") not in impls:
         raise ValueError(f"model.attention={fields['attention']!r} is not one of {impls} for {name}")
-    multiple = fields.get("cudnn_token_multiple", 128)
+    multiple = fields.get("cudnn_token_multiple", CUDNN_TOKEN_MULTIPLE)
     if not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"model.cudnn_token_multiple={multiple!r} must be a positive integer")
     if fields.get("layer_norm_form", "auto") not in LAYER_NORM_FORMS:

@@ -51,22 +51,26 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads={self.num_heads} does not divide width={self.width}")
         b, n, _ = x_BxNxD.shape
         head_dim = self.width // self.num_heads
+        implementation = attention_impls.resolve(self.attention, self.dtype, "vit")
+        # cuDNN: the projections may run on zero rows padded for the kernel (sliced back below).
+        rows = attention_impls.projection_tokens(n, implementation, self.cudnn_token_multiple)
+        x_BxRxD = attention_impls.pad_rows(x_BxNxD, rows)
 
         def project(name):
-            y = dense(self.width, (EMBED, HEADS), self.dtype, self.param_dtype, name)(x_BxNxD)
-            y = y.reshape(b, n, self.num_heads, head_dim)
+            y = dense(self.width, (EMBED, HEADS), self.dtype, self.param_dtype, name)(x_BxRxD)
+            y = y.reshape(b, rows, self.num_heads, head_dim)
             return nn.with_logical_constraint(y, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
 
         q, k, v = project("query"), project("key"), project("value")
-        implementation = attention_impls.resolve(self.attention, self.dtype, "vit")
         scale = head_dim**-0.5
-        out, attn_BxKxNxN = attention_impls.written_out(q, k, v, scale, self.dtype)
+        real = lambda t: t[:, :n]  # noqa: E731
+        out, attn_BxKxNxN = attention_impls.written_out(real(q), real(k), real(v), scale, self.dtype)
         if implementation != "autodiff":
-            out = attention_impls.attend(q, k, v, scale, implementation, self.dtype, self.cudnn_token_multiple)
+            out = attention_impls.attend(q, k, v, scale, implementation, self.dtype, self.cudnn_token_multiple, valid=n)
             attn_BxKxNxN = jax.lax.stop_gradient(attn_BxKxNxN)  # for capture only; unused, XLA drops it
-        out = out.reshape(b, n, self.width)
+        out = out.reshape(b, rows, self.width)
         out = dense(self.width, (HEADS, EMBED), self.dtype, self.param_dtype, "proj")(out)
-        return out, attn_BxKxNxN
+        return out[:, :n], attn_BxKxNxN
 
 
 class ViTBlock(nn.Module):

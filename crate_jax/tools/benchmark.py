@@ -73,7 +73,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "attn_autodiff": {"attention": "autodiff"},
     "attn_dot_product": {"attention": "dot_product"},
     "attn_cudnn": {"attention": "cudnn"},
-    "attn_cudnn_even": {"attention": "cudnn", "cudnn_token_multiple": 2},  # 197 -> 198 tokens, not 256
+    "attn_cudnn_128": {"attention": "cudnn", "cudnn_token_multiple": 128},  # 197 -> 256 tokens, not 198
     "attn_pallas_tpu": {"attention": "pallas_tpu"},
     "ln_autodiff": {"layer_norm_form": "autodiff"},  # models/layer_norm.py
     "ln_saved_stats": {"layer_norm_form": "saved_stats"},
