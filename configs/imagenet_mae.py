@@ -114,7 +114,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # | cudnn | pallas_tpu (symmetric is CRATE-MAE's only).
     config.model.attention = "auto"
     # cuDNN pads the tokens to a multiple of this (2: the least JAX takes in training, 197 -> 198,
-    # padded before the projections; 128: whole 128-token tiles, 197 -> 256, more bytes; README).
+    # the zero row carried through the layers; 128: whole 128-token tiles, 197 -> 256, more bytes;
+    # README, "cuDNN's token padding").
     config.model.cudnn_token_multiple = 2
     # How each LayerNorm's backward is written, not what it computes (models/layer_norm.py):
     # auto (saved_stats_pinned on GPUs: fewer HBM bytes there; saved_stats on CPUs and TPUs)

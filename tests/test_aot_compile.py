@@ -240,18 +240,15 @@ def test_saved_stats_layer_norms_move_fewer_hbm_bytes_on_an_h200(tmp_path):
     """`auto` LayerNorms on a GPU (saved statistics) against autodiff, CRATE-MAE-B at batch 64
     compiled for an H200: fewer bytes by the HLO count (README: 150 -> 133 GB at batch 256).
     At toy sizes (`runlocal`) the count goes the other way, so this compiles Base. The Pallas
-    forward (`pallas_gpu`) compiles to a Triton kernel and fewer bytes again (README: 130 GB).
-    All with cuDNN's whole-tile padding (197 -> 256), where the Pallas forward was measured: with
-    the default padding (198, zero rows before the projections, which XLA fuses into its own
-    LayerNorm forward) it saves nothing (README: 118 GB either way)."""
+    forward (`pallas_gpu`) compiles to a Triton kernel and fewer bytes again (README: 109.3
+    against 112.3 GB at batch 256)."""
     hbm = {}
     for form in ("autodiff", "auto", "pallas_gpu"):
         out = tmp_path / f"{form}.json"
         proc = subprocess.run(
             [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=base",
              "--config.batch_size=64", "--config.model.scan_layers=False", "--config.model.dtype=bfloat16",
-             "--config.model.cudnn_token_multiple=128", f"--config.model.layer_norm_form={form}", "--topology=h200",
-             f"--out={out}",
+             f"--config.model.layer_norm_form={form}", "--topology=h200", f"--out={out}",
              f"--dump_hlo={tmp_path}/{form}.hlo"],
             cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
         )  # fmt: skip
@@ -264,10 +261,10 @@ def test_saved_stats_layer_norms_move_fewer_hbm_bytes_on_an_h200(tmp_path):
 
 
 @needs_cuda_plugin
-def test_cudnn_rows_padded_before_the_projections_move_fewer_bytes_on_an_h200(tmp_path):
+def test_cudnn_rows_carried_by_the_layers_move_fewer_bytes_on_an_h200(tmp_path):
     """cuDNN's token padding on CRATE-MAE-B at batch 64 compiled for an H200: `auto` (197 -> 198,
-    the zero row added before the projections) against whole 128-token tiles (197 -> 256,
-    padded around the kernel call), fewer HBM bytes (README: 118 against 133 GB at batch 256)."""
+    the zero row carried through each layer stack) against whole 128-token tiles (197 -> 256,
+    padded around each kernel call), fewer HBM bytes (README: 112 against 133 GB at batch 256)."""
     hbm = {}
     for multiple in (2, 128):
         out = tmp_path / f"{multiple}.json"
@@ -281,7 +278,7 @@ def test_cudnn_rows_padded_before_the_projections_move_fewer_bytes_on_an_h200(tm
         assert proc.returncode == 0, proc.stdout + proc.stderr
         hbm[multiple] = json.loads(out.read_text())["hbm"]["bytes_per_chip"]
     assert hbm[2] < 0.95 * hbm[128], hbm
-    # The kernel sees 198 tokens, and the qkv projection runs on the padded rows: 64 x 198 of them.
+    # The kernel sees 198 tokens, and the projections run on the padded rows: 64 x 198 of them.
     text = (tmp_path / "2.hlo").read_text()
     assert "bf16[64,12,198,64]" in text and "bf16[12672,768]" in text
     assert "bf16[64,12,256,64]" in (tmp_path / "128.hlo").read_text()

@@ -183,16 +183,24 @@ def _cudnn_through_xla(monkeypatch):
     return calls
 
 
-def test_projection_tokens():
-    """Where the zero rows for cuDNN are added: before the projections when they are few
-    (197 -> 198), around the kernel call when many (197 -> 256); other implementations none."""
+def test_stream_tokens():
+    """Where the zero rows for cuDNN are added: to the layer stack's stream when they are few
+    (197 -> 198), around each kernel call when many (197 -> 256)."""
     assert attention.CUDNN_TOKEN_MULTIPLE == 2
-    assert attention.projection_tokens(197, "cudnn", 2) == 198
-    assert attention.projection_tokens(17, "cudnn", 2) == 18  # 1/17 of the rows: still under 1/16
-    assert attention.projection_tokens(15, "cudnn", 2) == 15  # 1/15: over, the call pads
-    assert attention.projection_tokens(50, "cudnn", 2) == 50  # even: no padding at all
-    assert attention.projection_tokens(197, "cudnn", 128) == 197
-    assert attention.projection_tokens(197, "dot_product", 2) == 197
+    assert attention.stream_tokens(197, 2) == 198
+    assert attention.stream_tokens(17, 2) == 18  # 1/17 of the rows: still under 1/16
+    assert attention.stream_tokens(15, 2) == 15  # 1/15: over, each call pads
+    assert attention.stream_tokens(50, 2) == 50  # even: no padding at all
+    assert attention.stream_tokens(197, 128) == 197
+
+
+def test_capture_never_pads_the_stream():
+    from crate_jax.models.crate import EncoderLayer
+    from crate_jax.models.stack import LayerStack
+
+    stack = LayerStack(EncoderLayer, {"width": 8, "num_heads": 2}, 1, capture=True, token_multiple=2)
+    with pytest.raises(ValueError, match="capture=True keeps the token count"):
+        stack.init(jax.random.key(0), jnp.zeros((1, 17, 8)))  # 17 -> 18 rows
 
 
 def test_padded_tokens_need_the_masking_implementation():
@@ -203,13 +211,14 @@ def test_padded_tokens_need_the_masking_implementation():
         attention.attend(u, u, u, 0.25, "dot_product", jnp.float32, valid=5)
 
 
-@pytest.mark.parametrize("name", ["crate_mae_tiny", "mae_vit_base"])
-def test_projections_on_padded_rows_are_exact(monkeypatch, name):
-    """The cuDNN path with its zero rows added before the projections (65 -> 66 tokens, and the
-    ViT's 17 visible -> 18), run in fp32 with XLA answering the kernel call: loss and every
+@pytest.mark.parametrize("name, scan", [("crate_mae_tiny", False), ("crate_mae_tiny", True), ("mae_vit_base", False)])
+def test_the_stream_carrying_padded_rows_is_exact(monkeypatch, name, scan):
+    """The cuDNN path with its zero rows carried through the layer stacks (65 -> 66 tokens, and
+    the ViT's 17 visible -> 18), run in fp32 with XLA answering the kernel call: loss and every
     gradient equal the unpadded default's to fp32 rounding, so no padded row reaches the loss
-    or a weight gradient (the output projection's bias makes the padded rows nonzero)."""
+    or a weight gradient (biases and LayerNorms make the padded rows nonzero after one layer)."""
     size = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4) if name == "mae_vit_base" else TINY
+    size = dict(size, scan_layers=scan)
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
     noise = np.random.default_rng(1).uniform(size=(4, 64)).astype(np.float32)
     ref_model = models.build(name, **size)
@@ -227,7 +236,7 @@ def test_projections_on_padded_rows_are_exact(monkeypatch, name):
     loss, grad = loss_and_grad(model)
     jaxpr = str(jax.make_jaxpr(lambda p: model.apply({"params": p}, images, noise=noise).loss)(params))
     padded_inputs = ["f32[4,18,64]", "f32[4,66,32]"] if name == "mae_vit_base" else ["f32[4,66,64]"]
-    assert all(shape in jaxpr for shape in padded_inputs)  # the projections' inputs, padded
+    assert all(shape in jaxpr for shape in padded_inputs)  # the stacks' streams, padded
     assert calls and all(c[1][1] % 2 == 0 and c[2] for c in calls)
     assert rel(loss, ref_loss) < 1e-6
     # Per leaf, against the leaf's norm or a thousandth of the whole gradient's (a key bias's
@@ -237,6 +246,30 @@ def test_projections_on_padded_rows_are_exact(monkeypatch, name):
     for (path, g), ref_g in zip(paths, jax.tree.leaves(ref_grad), strict=True):
         error = np.linalg.norm(np.asarray(g, np.float64) - np.asarray(ref_g, np.float64))
         assert error < 1e-5 * max(np.linalg.norm(ref_g), floor), jax.tree_util.keystr(path)
+
+
+def test_the_classifiers_stream_carries_padded_rows_exactly(monkeypatch):
+    """Fine-tuning's classifier takes the autoencoder's attention and padding: its encoder
+    stack carries cuDNN's zero row too (65 -> 66 tokens), with the same logits (fp32, XLA
+    answering the kernel call)."""
+    import flax.linen as nn
+
+    from crate_jax.evaluation import classifier
+
+    mae = models.build("crate_mae_tiny", **TINY)
+    build = lambda m: classifier.from_autoencoder(m, num_classes=10, head="finetune", pool="cls", head_init_std=0.1)  # noqa: E731
+    ref_model = build(mae)
+    variables = nn.unbox(classifier.init_variables(ref_model)(jax.random.key(0)))
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    ref = ref_model.apply(variables, images)
+    calls = _cudnn_through_xla(monkeypatch)
+    monkeypatch.setattr(attention, "_HALF", ("bfloat16", "float16", "float32"))  # the kernel is XLA's here
+    model = build(mae.clone(attention="cudnn"))
+    assert model.layer_kwargs["attention"] == "cudnn" and model.layer_kwargs["cudnn_token_multiple"] == 2
+    out = model.apply(variables, images)
+    assert "f32[4,66,64]" in str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
+    assert calls and all(c[1][1] == 66 and c[2] for c in calls)
+    assert rel(out, ref) < 1e-6
 
 
 @pytest.mark.parametrize("name, multiple", [("crate_mae_tiny", 128), ("mae_vit_base", 128), ("crate_mae_tiny", 2)])
@@ -262,10 +295,10 @@ def test_cudnn_path_in_bf16_against_fp32(monkeypatch, name, multiple):
 @pytest.mark.parametrize("tokens, multiple, prepadded", [(197, 2, True), (197, 128, False), (50, 2, False)])
 def test_cudnn_kernel_at_the_base_models_token_counts(tokens, multiple, prepadded):
     """cuDNN's kernel as CRATE-MAE-B's step calls it (12 heads of 64; 197 tokens padded to 198
-    before the projections, or to 256 around the call; the visible-only encoder's 50, no mask),
+    in the layers' stream, or to 256 around the call; the visible-only encoder's 50, no mask),
     output and gradient in bf16 against the fp32 symmetric form."""
     u = _u(batch=8, tokens=tokens, heads=12, head_dim=64) * 0.3
-    rows = attention.projection_tokens(tokens, "cudnn", multiple) if prepadded else tokens
+    rows = attention.stream_tokens(tokens, multiple) if prepadded else tokens
     assert rows == (198 if prepadded else tokens)
 
     def fused(x):

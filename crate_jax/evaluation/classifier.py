@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 
 from crate_jax import checkpoint, models
 from crate_jax.evaluation.heads import HEADS
+from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE, resolve
 from crate_jax.models.crate import EncoderLayer, layer_norm
 from crate_jax.models.layers import EMBED, PatchEmbed, position_rows, token_init
 from crate_jax.models.mae import FINAL_NORM_EPS, CrateMAE
@@ -63,7 +64,8 @@ class Classifier(nn.Module):
     head: str = "probe"
     pool: str = "cls"
     head_init_std: float = 0.01
-    layer_kwargs: Any = flax.core.FrozenDict()  # ista_step/ista_lambda/ista_fused/attention, or mlp_ratio
+    # attention / cudnn_token_multiple / layer_norm_form, and ista_step / ista_lambda / ista_fused or mlp_ratio
+    layer_kwargs: Any = flax.core.FrozenDict()
     drop_path_rate: float = 0.0
     cls_token: bool = True  # False: the paper's CRATE-MAE, tokens are the patches only
     position_table: str = "sincos"  # or "learned": the autoencoder's `pos_embed`
@@ -113,6 +115,9 @@ class Classifier(nn.Module):
             cls = jnp.broadcast_to(cls_token, (images.shape[0], 1, self.width)) + pos[:1]
             x = jnp.concatenate([cls, x], axis=1)
         kwargs = dict(self.layer_kwargs, width=self.width, num_heads=self.num_heads, deterministic=not train)
+        # cuDNN attention: the stack carries the kernel's zero rows (models/stack.py).
+        kind = "mssa" if self.arch == "crate" else "vit"
+        cudnn = resolve(kwargs.get("attention", "auto"), self.dtype, kind) == "cudnn"
         z, _ = LayerStack(
             EncoderLayer if self.arch == "crate" else ViTBlock,
             flax.core.FrozenDict(kwargs, dtype=self.dtype, param_dtype=self.param_dtype),
@@ -120,6 +125,7 @@ class Classifier(nn.Module):
             scan=self.scan_layers,
             remat=self.remat,
             drop_path_rate=self.drop_path_rate,
+            token_multiple=kwargs.get("cudnn_token_multiple", CUDNN_TOKEN_MULTIPLE) if cudnn else 0,
             name="encoder",
         )(x)
         return z
@@ -140,7 +146,8 @@ class Classifier(nn.Module):
         if self.head == "finetune" and self.pool == "mean":
             features = z[:, prefix:].mean(axis=1)
         else:
-            latent = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "norm")(z)
+            form = self.layer_kwargs.get("layer_norm_form", "auto")
+            latent = layer_norm(FINAL_NORM_EPS, self.dtype, self.param_dtype, "norm", form)(z)
             features = latent[:, 0] if self.pool == "cls" else latent[:, prefix:].mean(axis=1)
         if self.head == "probe":
             features = jax.lax.stop_gradient(features)  # a frozen encoder
@@ -154,16 +161,16 @@ def from_autoencoder(
     """The classifier on the encoder of `mae` (a CrateMAE or ViTMAE module); pool="cls" is
     "mean" for an encoder without a cls token."""
     tokens = dict(cls_token=True, position_table="sincos")
+    # How the layers compute, as the autoencoder's (not what: the parameters are the same).
+    compute = dict(
+        attention=mae.attention, cudnn_token_multiple=mae.cudnn_token_multiple, layer_norm_form=mae.layer_norm_form
+    )
     if isinstance(mae, CrateMAE):
-        arch, layer_kwargs = (
-            "crate",
-            dict(
-                ista_step=mae.ista_step, ista_lambda=mae.ista_lambda, ista_fused=mae.ista_fused, attention=mae.attention
-            ),
-        )
+        arch = "crate"
+        layer_kwargs = dict(compute, ista_step=mae.ista_step, ista_lambda=mae.ista_lambda, ista_fused=mae.ista_fused)
         tokens = dict(cls_token=mae.cls_token, position_table=mae.position_table)
     else:
-        arch, layer_kwargs = "vit", dict(mlp_ratio=mae.mlp_ratio, attention=mae.attention)
+        arch, layer_kwargs = "vit", dict(compute, mlp_ratio=mae.mlp_ratio)
     pool = "mean" if pool == "cls" and not tokens["cls_token"] else pool
     return Classifier(
         arch=arch,

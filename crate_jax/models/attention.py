@@ -14,7 +14,7 @@ head dim). CRATE's MSSA calls `mssa` (q = k = v = u); the ViT baseline calls `at
                  bf16/fp16 only): no B×K×N×N tensor in HBM. Tokens are padded with zeros to a
                  multiple of `CUDNN_TOKEN_MULTIPLE` and the padded keys masked through
                  `key_value_seq_lengths` (see `padded_dot_product`); where that adds few
-                 rows, the models pad the projections' input instead (`projection_tokens`).
+                 rows, the layer stack carries them instead (`stream_tokens`).
   "pallas_tpu"   the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu`),
                  padded to `PALLAS_TOKEN_MULTIPLE` with padded keys masked by segment ids,
                  inside `shard_map` over the mesh's batch and head axes (Mosaic kernels are not
@@ -46,11 +46,11 @@ ATTENTION_IMPLS = MSSA_IMPLS  # every name some model takes
 # out-of-range key tile scored 0, NaN gradients when a row's log-sum-exp is below -88.7, only
 # for counts of 64 mod 128) cannot be reached here: 198 and 50 are not 64 mod 128, the padded
 # key is masked, and MSSA's log-sum-exp is never negative (each row's own logit is |u|²·scale).
-# The compiled CRATE-MAE-B step on an H200 moves 118 GB with it, 133 GB with 128 (whole
+# The compiled CRATE-MAE-B step on an H200 moves 112 GB with it, 133 GB with 128 (whole
 # 128-token tiles, 197 -> 256, still selectable); untimed on a GPU (README).
 CUDNN_TOKEN_MULTIPLE = 2
-# `projection_tokens`: pad before the projections when that adds at most 1/16 of the rows.
-PREPAD_MAX_FRACTION = 1 / 16
+# `stream_tokens`: the layers carry the padding when it adds at most 1/16 of the rows.
+STREAM_PAD_MAX_FRACTION = 1 / 16
 # The Pallas TPU kernel's blocks are 128 tokens (`BlockSizes.get_default`, MIN_BLOCK_SIZE).
 PALLAS_TOKEN_MULTIPLE = 128
 
@@ -138,20 +138,19 @@ def _pad_tokens(x_BxNxKxP: jax.Array, tokens: int, axis: int = 1) -> jax.Array:
     return jnp.pad(x_BxNxKxP, pad)
 
 
-def projection_tokens(tokens: int, implementation: str, multiple: int = CUDNN_TOKEN_MULTIPLE) -> int:
-    """How many token rows an attention layer's projections run on (`implementation` resolved).
+def stream_tokens(tokens: int, multiple: int = CUDNN_TOKEN_MULTIPLE) -> int:
+    """How many token rows a stack of layers with cuDNN attention carries (`LayerStack`).
 
-    cuDNN's call needs the tokens padded to a multiple of `multiple`. Padding the input of the
-    projections instead (zero rows appended to x, the output projection's result sliced back)
-    lets XLA fuse the pad into the LayerNorm before it and the slice into the residual add after
-    it, where padding around the call writes three more copies per layer (u padded, the output
-    sliced, its gradient padded): the compiled CRATE-MAE-B step on an H200 moves 118 GB against
-    123 GB at 197 -> 198 tokens. At 197 -> 256 the projections' 30% more rows cost more than the
-    copies (135 against 133 GB), so beyond `PREPAD_MAX_FRACTION` more rows the call pads."""
-    if implementation != "cudnn":
-        return tokens
+    cuDNN's call needs the tokens padded to a multiple of `multiple`. Padding the residual
+    stream once before the first layer (zero rows appended, each layer told the real count,
+    the rows sliced off after the last) leaves no pad or slice inside the layers, where padding
+    around each call writes three more copies per layer (u padded, the output sliced, its
+    gradient padded): the compiled CRATE-MAE-B step on an H200 moves 112 GB against 123 GB at
+    197 -> 198 tokens. At 197 -> 256 the layers' 30% more rows would cost more than the copies
+    (padding the projections alone to 256 rows: 135 against 133 GB), so beyond
+    `STREAM_PAD_MAX_FRACTION` more rows each call pads for itself."""
     padded = _round_up(tokens, multiple)
-    return padded if padded - tokens <= tokens * PREPAD_MAX_FRACTION else tokens
+    return padded if padded - tokens <= tokens * STREAM_PAD_MAX_FRACTION else tokens
 
 
 def pad_rows(x_BxNxD: jax.Array, tokens: int) -> jax.Array:
@@ -175,7 +174,7 @@ def padded_dot_product(
       back, the slice's transpose feeds zeros back, and a zero output gradient gives padded
       rows zero contributions to dQ, dK and dV (and so to the projections' weight gradients).
 
-    `valid`: the caller padded already (`projection_tokens`): the first `valid` of the
+    `valid`: the caller padded already (`stream_tokens`): the first `valid` of the
     q.shape[1] tokens are real, the call masks the rest and returns every row. Otherwise
     (None, or all real) this call pads, attends and slices.
 

@@ -72,17 +72,15 @@ class MSSA(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
     cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE  # cuDNN's token padding (models/attention.py)
+    # The real tokens when the input carries zero rows for cuDNN after them (LayerStack); None: all.
+    valid_tokens: int | None = None
 
     @nn.compact
     def __call__(self, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.width % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} does not divide width={self.width}")
         head_dim = self.width // self.num_heads
-        implementation = attention.resolve(self.attention, self.dtype, "mssa")
-        n = x_BxNxD.shape[1]
-        # cuDNN: the projections may run on zero rows padded for the kernel (sliced back below).
-        rows = attention.projection_tokens(n, implementation, self.cudnn_token_multiple)
-        u_BxRxD = nn.Dense(
+        u_BxNxD = nn.Dense(
             self.width,
             dot_general=dense_dot_general,
             use_bias=False,
@@ -90,19 +88,19 @@ class MSSA(nn.Module):
             param_dtype=self.param_dtype,
             kernel_init=nn.with_logical_partitioning(xavier_uniform, (EMBED, HEADS)),
             name="qkv",
-        )(attention.pad_rows(x_BxNxD, rows))
-        b = u_BxRxD.shape[0]
-        u_BxRxKxP = nn.with_logical_constraint(
-            u_BxRxD.reshape(b, rows, self.num_heads, head_dim), (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)
+        )(x_BxNxD)
+        implementation = attention.resolve(self.attention, self.dtype, "mssa")
+        b, n, _ = u_BxNxD.shape
+        u_BxNxKxP = nn.with_logical_constraint(
+            u_BxNxD.reshape(b, n, self.num_heads, head_dim), (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None)
         )
         scale = head_dim**-0.5
-        out_BxRxD = attention.mssa(u_BxRxKxP, scale, implementation, self.cudnn_token_multiple, valid=n)
-        out_BxRxD = out_BxRxD.reshape(b, rows, self.width)
-        # Only for analysis (capture=True); unused, XLA drops it.
-        u_BxNxKxP = u_BxRxKxP[:, :n]
+        out_BxNxD = attention.mssa(u_BxNxKxP, scale, implementation, self.cudnn_token_multiple, self.valid_tokens)
+        out_BxNxD = out_BxNxD.reshape(b, n, self.width)
+        # Only for analysis (capture=True, which never pads the stream); unused, XLA drops it.
         attn_BxKxNxN = jax.lax.stop_gradient(_softmax_attention(attention.heads_major(u_BxNxKxP), scale)[1])
         if self.num_heads > 1:  # the release uses the identity when K = 1
-            out_BxRxD = nn.Dense(
+            out_BxNxD = nn.Dense(
                 self.width,
                 dot_general=dense_dot_general,
                 dtype=self.dtype,
@@ -110,8 +108,8 @@ class MSSA(nn.Module):
                 kernel_init=nn.with_logical_partitioning(xavier_uniform, (HEADS, EMBED)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (EMBED,)),
                 name="to_out",
-            )(out_BxRxD)
-        return out_BxRxD[:, :n], attn_BxKxNxN, u_BxRxD[:, :n]
+            )(out_BxNxD)
+        return out_BxNxD, attn_BxKxNxN, u_BxNxD
 
 
 def ista_form(rows: int, width: int) -> str:
@@ -178,7 +176,7 @@ def drop_path(x_BxNxD: jax.Array, rate: float | jax.Array, key: jax.Array) -> ja
 def _mssa(layer: EncoderLayer | DecoderLayer) -> MSSA:
     """The layer's MSSA from the layer's own fields (called inside its compact `__call__`)."""
     fields = (layer.width, layer.num_heads, layer.dtype, layer.param_dtype, layer.attention)
-    return MSSA(*fields, cudnn_token_multiple=layer.cudnn_token_multiple, name="mssa")
+    return MSSA(*fields, layer.cudnn_token_multiple, layer.valid_tokens, name="mssa")
 
 
 class EncoderLayer(nn.Module):
@@ -198,6 +196,7 @@ class EncoderLayer(nn.Module):
     ista_fused: bool = True
     attention: str = "auto"  # MSSA's implementation (ATTENTION_IMPLS)
     cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE
+    valid_tokens: int | None = None  # set by LayerStack when the stream carries cuDNN's zero rows
     layer_norm_form: str = "auto"  # models/layer_norm.py FORMS
     capture: bool = False
     deterministic: bool = True
@@ -234,6 +233,7 @@ class DecoderLayer(nn.Module):
     num_heads: int
     attention: str = "auto"  # MSSA's implementation (ATTENTION_IMPLS)
     cudnn_token_multiple: int = CUDNN_TOKEN_MULTIPLE
+    valid_tokens: int | None = None  # set by LayerStack when the stream carries cuDNN's zero rows
     layer_norm_form: str = "auto"  # models/layer_norm.py FORMS
     capture: bool = False
     dtype: jnp.dtype = jnp.float32

@@ -36,11 +36,10 @@ XLA fuses them:
                         `shard_map` over the activations' batch and token axes (a Triton call
                         is not partitioned automatically); elsewhere than on a GPU, Pallas's
                         interpreter runs it (tests). Not in `auto`: compiled for an H200 without
-                        one, the CRATE-MAE-B step (batch 256) moves 129.9 GB against 132.9 with
-                        the pinned form at cuDNN's whole-tile padding, since XLA no longer fuses
-                        the residual add and ISTA's ReLU into the LayerNorm's forward, and 118
-                        GB like the pinned form at the default padding (whose pad XLA fuses into
-                        its own forward); no GPU timing yet.
+                        one, the CRATE-MAE-B step (batch 256) moves 109.3 GB against 112.3 with
+                        the pinned form (129.9 against 132.9 with cuDNN's whole-tile padding),
+                        since XLA no longer fuses the residual add and ISTA's ReLU into the
+                        LayerNorm's forward; no GPU timing yet.
 
 "auto" (the models' `layer_norm_form` default) picks one from `FORM` by the platform the
 step is traced for (`layers.trace_platform`, so an ahead-of-time compile for a GPU on a CPU host

@@ -6,6 +6,12 @@ activations and `aux` stacked over layers, so scanned and unrolled stacks look a
 their callers. Unrolled layers are named `layer_{i}`; a scanned stack holds one `layers`
 subtree whose parameters carry a leading `layers` axis.
 
+With `token_multiple` (cuDNN attention, set by the models) the stack pads the token axis once
+with zero rows (`attention.stream_tokens`), tells each layer the real count (`valid_tokens`),
+and slices the rows off after the last layer: the layers carry cuDNN's padding, rather than
+padding and slicing around every attention call. Every layer is row-wise but for attention,
+which masks the padded keys, so the real rows are exactly those of an unpadded stack.
+
 Stochastic depth follows FAIR/timm: layer i's rate is `drop_path_schedule(rate, depth)[i]`,
 rising linearly from 0 in the first layer to `drop_path_rate` in the last. The rate is the
 second argument because that is the scan's per-layer input: a scanned layer sees a traced
@@ -22,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from crate_jax.models.attention import pad_rows, stream_tokens
 from crate_jax.models.layers import LAYERS
 
 # Names that configs use for `jax.checkpoint` policies: "none" keeps every activation.
@@ -53,6 +60,7 @@ class LayerStack(nn.Module):
     remat: str = "none"
     capture: bool = False
     drop_path_rate: float = 0.0  # the last layer's rate (see the module docstring)
+    token_multiple: int = 0  # cuDNN's: carry its zero rows through the layers (module docstring); 0: none
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
@@ -62,6 +70,15 @@ class LayerStack(nn.Module):
             # Under scan the loop already stops CSE from undoing remat.
             cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         kwargs = dict(self.layer_kwargs, capture=self.capture)
+        tokens = rows = x.shape[1] if self.token_multiple else 0
+        if self.token_multiple:
+            rows = stream_tokens(tokens, self.token_multiple)
+        if rows != tokens:
+            if self.capture:
+                raise ValueError("capture=True keeps the token count: build the stack with token_multiple=0")
+            x = pad_rows(x, rows)
+            kwargs["valid_tokens"] = tokens
+        unpad = (lambda y: y[:, :tokens]) if rows != tokens else (lambda y: y)
         # None when off, so the layers ask for no "dropout" RNG (pretraining passes none).
         rates = drop_path_schedule(self.drop_path_rate, self.depth) if self.drop_path_rate > 0 else None
         if self.scan:
@@ -72,13 +89,14 @@ class LayerStack(nn.Module):
                 length=self.depth,
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
-            return scanned(**kwargs, name="layers")(x, None if rates is None else jnp.asarray(rates))
+            x, stacked = scanned(**kwargs, name="layers")(x, None if rates is None else jnp.asarray(rates))
+            return unpad(x), stacked
         auxes = []
         for i in range(self.depth):
             x, aux = cls(**kwargs, name=f"layer_{i}")(x, None if rates is None else float(rates[i]))
             auxes.append(aux)
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if self.capture else {}
-        return x, stacked
+        return unpad(x), stacked
 
 
 # Converting parameter trees between the two layouts, on flat {'a/b/c': array} dicts.

@@ -44,6 +44,8 @@ class Attention(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention: str = "auto"
     cudnn_token_multiple: int = attention_impls.CUDNN_TOKEN_MULTIPLE  # cuDNN's token padding
+    # The real tokens when the input carries zero rows for cuDNN after them (LayerStack); None: all.
+    valid_tokens: int | None = None
 
     @nn.compact
     def __call__(self, x_BxNxD: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -51,26 +53,23 @@ class Attention(nn.Module):
             raise ValueError(f"num_heads={self.num_heads} does not divide width={self.width}")
         b, n, _ = x_BxNxD.shape
         head_dim = self.width // self.num_heads
-        implementation = attention_impls.resolve(self.attention, self.dtype, "vit")
-        # cuDNN: the projections may run on zero rows padded for the kernel (sliced back below).
-        rows = attention_impls.projection_tokens(n, implementation, self.cudnn_token_multiple)
-        x_BxRxD = attention_impls.pad_rows(x_BxNxD, rows)
 
         def project(name):
-            y = dense(self.width, (EMBED, HEADS), self.dtype, self.param_dtype, name)(x_BxRxD)
-            y = y.reshape(b, rows, self.num_heads, head_dim)
+            y = dense(self.width, (EMBED, HEADS), self.dtype, self.param_dtype, name)(x_BxNxD)
+            y = y.reshape(b, n, self.num_heads, head_dim)
             return nn.with_logical_constraint(y, (ACT_BATCH, ACT_LENGTH, ACT_HEADS, None))
 
         q, k, v = project("query"), project("key"), project("value")
+        implementation = attention_impls.resolve(self.attention, self.dtype, "vit")
         scale = head_dim**-0.5
-        real = lambda t: t[:, :n]  # noqa: E731
-        out, attn_BxKxNxN = attention_impls.written_out(real(q), real(k), real(v), scale, self.dtype)
+        out, attn_BxKxNxN = attention_impls.written_out(q, k, v, scale, self.dtype)
         if implementation != "autodiff":
-            out = attention_impls.attend(q, k, v, scale, implementation, self.dtype, self.cudnn_token_multiple, valid=n)
+            multiple, valid = self.cudnn_token_multiple, self.valid_tokens
+            out = attention_impls.attend(q, k, v, scale, implementation, self.dtype, multiple, valid)
             attn_BxKxNxN = jax.lax.stop_gradient(attn_BxKxNxN)  # for capture only; unused, XLA drops it
-        out = out.reshape(b, rows, self.width)
+        out = out.reshape(b, n, self.width)
         out = dense(self.width, (HEADS, EMBED), self.dtype, self.param_dtype, "proj")(out)
-        return out[:, :n], attn_BxKxNxN
+        return out, attn_BxKxNxN
 
 
 class ViTBlock(nn.Module):
@@ -79,6 +78,7 @@ class ViTBlock(nn.Module):
     mlp_ratio: float = 4.0
     attention: str = "auto"  # the attention's implementation (models.attention.VIT_IMPLS)
     cudnn_token_multiple: int = attention_impls.CUDNN_TOKEN_MULTIPLE
+    valid_tokens: int | None = None  # set by LayerStack when the stream carries cuDNN's zero rows
     layer_norm_form: str = "auto"  # models/layer_norm.py FORMS
     capture: bool = False
     deterministic: bool = True
@@ -102,6 +102,7 @@ class ViTBlock(nn.Module):
             self.param_dtype,
             self.attention,
             self.cudnn_token_multiple,
+            self.valid_tokens,
             name="attn",
         )
         attn_out, attn = attention(ln("norm1")(x_BxNxD))
