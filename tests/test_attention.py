@@ -168,15 +168,41 @@ def test_bad_names_fail_with_the_config_key():
         model.init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32))
 
 
-def _cudnn_through_xla(monkeypatch):
+def _cudnn_through_xla(monkeypatch, nan_in_masked_key_gradients=False):
     """Run the "cudnn" implementation's code path on CPU with the kernel call answered by XLA's
-    implementation with the same arguments (only the `implementation` string differs)."""
+    implementation with the same arguments (only the `implementation` string differs).
+
+    `nan_in_masked_key_gradients`: the stand-in kernel's backward writes NaN into the rows of
+    dK and dV past `key_value_seq_lengths`, as a flash kernel that never stores them could leave
+    them: the model must not read them."""
     real = jax.nn.dot_product_attention
     calls = []
 
     def recorded(*args, implementation=None, **kwargs):
         calls.append((implementation, args[0].shape, kwargs.get("key_value_seq_lengths") is not None))
-        return real(*args, implementation="xla" if implementation == "cudnn" else implementation, **kwargs)
+        answered_by = "xla" if implementation == "cudnn" else implementation
+        lengths = kwargs.pop("key_value_seq_lengths", None)
+        # Every array an argument: the custom_vjp below must not close over a tracer (scan).
+        xla = lambda q, k, v, n: real(q, k, v, key_value_seq_lengths=n, implementation=answered_by, **kwargs)  # noqa: E731
+        if not nan_in_masked_key_gradients or lengths is None:
+            return xla(*args, lengths)
+
+        @jax.custom_vjp
+        def kernel(q, k, v, lengths):
+            return xla(q, k, v, lengths)
+
+        def kernel_fwd(q, k, v, lengths):
+            out, vjp = jax.vjp(lambda q, k, v: xla(q, k, v, lengths), q, k, v)
+            return out, (vjp, lengths)
+
+        def kernel_bwd(residuals, g):
+            vjp, lengths = residuals
+            dq, dk, dv = vjp(g)
+            masked = (jnp.arange(dk.shape[1])[None, :] >= lengths[:, None])[:, :, None, None]
+            return dq, jnp.where(masked, jnp.nan, dk), jnp.where(masked, jnp.nan, dv), None
+
+        kernel.defvjp(kernel_fwd, kernel_bwd)
+        return kernel(*args, lengths)
 
     monkeypatch.setattr(attention, "trace_platform", lambda: "gpu")
     monkeypatch.setattr(jax.nn, "dot_product_attention", recorded)
@@ -203,6 +229,17 @@ def test_capture_never_pads_the_stream():
         stack.init(jax.random.key(0), jnp.zeros((1, 17, 8)))  # 17 -> 18 rows
 
 
+def test_zero_padded_cotangents():
+    """The identity forward; backward, the padded rows' cotangents are zero even where they
+    were NaN, the real rows' pass unchanged."""
+    x = _u(tokens=5)
+    out, vjp = jax.vjp(lambda y: attention.zero_padded_cotangents(y, 3), x)
+    assert out is x or bool(jnp.all(out == x))
+    g = jnp.ones_like(x).at[:, 3:].set(jnp.nan)
+    (dx,) = vjp(g)
+    assert bool(jnp.all(dx[:, :3] == 1)) and bool(jnp.all(dx[:, 3:] == 0))
+
+
 def test_padded_tokens_need_the_masking_implementation():
     u = _u(tokens=6)
     with pytest.raises(ValueError, match="6 tokens of which 5 real: only attention 'cudnn' masks padded tokens"):
@@ -214,9 +251,10 @@ def test_padded_tokens_need_the_masking_implementation():
 @pytest.mark.parametrize("name, scan", [("crate_mae_tiny", False), ("crate_mae_tiny", True), ("mae_vit_base", False)])
 def test_the_stream_carrying_padded_rows_is_exact(monkeypatch, name, scan):
     """The cuDNN path with its zero rows carried through the layer stacks (65 -> 66 tokens, and
-    the ViT's 17 visible -> 18), run in fp32 with XLA answering the kernel call: loss and every
-    gradient equal the unpadded default's to fp32 rounding, so no padded row reaches the loss
-    or a weight gradient (biases and LayerNorms make the padded rows nonzero after one layer)."""
+    the ViT's 17 visible -> 18), run in fp32 with XLA answering the kernel call and leaving NaN
+    in the padded keys' gradient rows: loss and every gradient equal the unpadded default's to
+    fp32 rounding, so no padded row reaches the loss or a weight gradient (biases and LayerNorms
+    make the padded rows nonzero after one layer). Analysis (capture=True) sees 65 tokens."""
     size = dict(TINY, decoder_width=32, decoder_depth=2, decoder_num_heads=4) if name == "mae_vit_base" else TINY
     size = dict(size, scan_layers=scan)
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
@@ -230,7 +268,7 @@ def test_the_stream_carrying_padded_rows_is_exact(monkeypatch, name, scan):
         return jax.value_and_grad(fn)(params)
 
     ref_loss, ref_grad = loss_and_grad(ref_model)
-    calls = _cudnn_through_xla(monkeypatch)
+    calls = _cudnn_through_xla(monkeypatch, nan_in_masked_key_gradients=True)
     monkeypatch.setattr(attention, "_HALF", ("bfloat16", "float16", "float32"))  # the kernel is XLA's here
     model = models.build(name, attention="cudnn", cudnn_token_multiple=2, **size)
     loss, grad = loss_and_grad(model)
@@ -239,6 +277,8 @@ def test_the_stream_carrying_padded_rows_is_exact(monkeypatch, name, scan):
     assert all(shape in jaxpr for shape in padded_inputs)  # the stacks' streams, padded
     assert calls and all(c[1][1] % 2 == 0 and c[2] for c in calls)
     assert rel(loss, ref_loss) < 1e-6
+    captured = model.apply({"params": params}, images, noise=noise, capture=True).intermediates
+    assert captured["decoder"]["attn"].shape[-2:] == (65, 65)  # capture never pads the stream
     # Per leaf, against the leaf's norm or a thousandth of the whole gradient's (a key bias's
     # gradient is zero up to rounding: softmax does not see a shift shared by every key).
     floor = 1e-3 * float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(ref_grad))))
@@ -302,13 +342,19 @@ def test_cudnn_kernel_at_the_base_models_token_counts(tokens, multiple, prepadde
     assert rows == (198 if prepadded else tokens)
 
     def fused(x):
-        out = attention.mssa(attention.pad_rows(x, rows), 0.125, "cudnn", multiple, valid=tokens)
+        out = attention.mssa(attention.pad_tokens(x, rows), 0.125, "cudnn", multiple, valid=tokens)
         return out[:, :tokens]
 
     ref = lambda x: attention.mssa(x, 0.125, "symmetric")  # noqa: E731
     ub = u.astype(jnp.bfloat16)
     assert rel(jax.jit(fused)(ub), ref(u)) < 2e-2
     assert rel(jax.jit(jax.grad(_loss(fused)))(ub), jax.grad(_loss(ref))(u)) < 5e-2
+    if prepadded:  # the gradient the padded stream gets: finite, zero in the padded row
+        on_stream = lambda x: attention.mssa(x, 0.125, "cudnn", multiple, valid=tokens)  # noqa: E731
+        g = jax.jit(jax.grad(lambda x: jnp.sum(on_stream(x)[:, :tokens].astype(jnp.float32))))(
+            attention.pad_tokens(ub, rows)
+        )
+        assert bool(jnp.all(jnp.isfinite(g))) and not bool(jnp.any(g[:, tokens:]))
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")

@@ -39,7 +39,7 @@ import orbax.checkpoint as ocp
 
 from crate_jax import checkpoint, models
 from crate_jax.evaluation.heads import HEADS
-from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE, resolve
+from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE, stream_multiple
 from crate_jax.models.crate import EncoderLayer, layer_norm
 from crate_jax.models.layers import EMBED, PatchEmbed, position_rows, token_init
 from crate_jax.models.mae import FINAL_NORM_EPS, CrateMAE
@@ -116,8 +116,9 @@ class Classifier(nn.Module):
             x = jnp.concatenate([cls, x], axis=1)
         kwargs = dict(self.layer_kwargs, width=self.width, num_heads=self.num_heads, deterministic=not train)
         # cuDNN attention: the stack carries the kernel's zero rows (models/stack.py).
-        kind = "mssa" if self.arch == "crate" else "vit"
-        cudnn = resolve(kwargs.get("attention", "auto"), self.dtype, kind) == "cudnn"
+        model = "mssa" if self.arch == "crate" else "vit"
+        multiple = kwargs.get("cudnn_token_multiple", CUDNN_TOKEN_MULTIPLE)
+        multiple = stream_multiple(kwargs.get("attention", "auto"), self.dtype, model, multiple)
         z, _ = LayerStack(
             EncoderLayer if self.arch == "crate" else ViTBlock,
             flax.core.FrozenDict(kwargs, dtype=self.dtype, param_dtype=self.param_dtype),
@@ -125,7 +126,7 @@ class Classifier(nn.Module):
             scan=self.scan_layers,
             remat=self.remat,
             drop_path_rate=self.drop_path_rate,
-            token_multiple=kwargs.get("cudnn_token_multiple", CUDNN_TOKEN_MULTIPLE) if cudnn else 0,
+            token_multiple=multiple,
             name="encoder",
         )(x)
         return z

@@ -56,8 +56,8 @@ PALLAS_TOKEN_MULTIPLE = 128
 
 # `auto`: (platform, compute dtype) -> implementation, per model. Why each entry:
 #   GPU bf16/fp16: cuDNN's fused kernel; the materialised 197×197 softmax and its backward
-#     were ~40% of the CRATE-MAE-B step on an H200 (shared/docs/stack-notes.md), and the padded
-#     cuDNN step ran 1.55x the default's speed there.
+#     were ~40% of the CRATE-MAE-B step on an H200 (shared/docs/stack-notes.md), and a cuDNN
+#     step (tokens padded to 256) ran 1.55x the default's speed there.
 #   GPU fp32: cuDNN has no fp32 flash kernel; the symmetric form was the fastest XLA path.
 #   TPU: XLA's autodiff form, from the unrolled AOT rooflines (README, TPU table). CRATE-MAE-B
 #     on v5e-256: 32.2 GB per chip for autodiff (dot_product the same) against 36.2 for the
@@ -132,10 +132,11 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _pad_tokens(x_BxNxKxP: jax.Array, tokens: int, axis: int = 1) -> jax.Array:
-    pad = [(0, 0)] * x_BxNxKxP.ndim
-    pad[axis] = (0, tokens - x_BxNxKxP.shape[axis])
-    return jnp.pad(x_BxNxKxP, pad)
+def pad_tokens(x: jax.Array, tokens: int, axis: int = 1) -> jax.Array:
+    """x with zero rows appended along the token axis up to `tokens`."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, tokens - x.shape[axis])
+    return jnp.pad(x, pad)
 
 
 def stream_tokens(tokens: int, multiple: int = CUDNN_TOKEN_MULTIPLE) -> int:
@@ -147,15 +148,41 @@ def stream_tokens(tokens: int, multiple: int = CUDNN_TOKEN_MULTIPLE) -> int:
     around each call writes three more copies per layer (u padded, the output sliced, its
     gradient padded): the compiled CRATE-MAE-B step on an H200 moves 112 GB against 123 GB at
     197 -> 198 tokens. At 197 -> 256 the layers' 30% more rows would cost more than the copies
-    (padding the projections alone to 256 rows: 135 against 133 GB), so beyond
+    (a measured alternative, padding only the projections' rows to 256 around each MSSA: 135
+    against 133 GB), so beyond
     `STREAM_PAD_MAX_FRACTION` more rows each call pads for itself."""
     padded = _round_up(tokens, multiple)
     return padded if padded - tokens <= tokens * STREAM_PAD_MAX_FRACTION else tokens
 
 
-def pad_rows(x_BxNxD: jax.Array, tokens: int) -> jax.Array:
-    """x with zero token rows appended up to `tokens` (x itself if it has as many)."""
-    return x_BxNxD if x_BxNxD.shape[1] == tokens else _pad_tokens(x_BxNxD, tokens)
+def stream_multiple(implementation: str, dtype, model: str, multiple: int) -> int:
+    """`LayerStack.token_multiple` for a stack of `model` ("mssa" or "vit") layers whose
+    attention is `implementation` (unresolved): cuDNN's multiple where the layers run cuDNN's
+    kernel, else 0 (no padding)."""
+    return multiple if resolve(implementation, dtype, model) == "cudnn" else 0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def zero_padded_cotangents(x_BxNxKxP: jax.Array, valid: int) -> jax.Array:
+    """The identity; in the backward, the rows past the first `valid` get exactly zero.
+
+    Around a kernel whose padding mask excludes those keys: it need not write their dK and dV
+    (flash kernels store only the rows within the sequence lengths they are given), and in a
+    stack that carries its padded rows (`stream_tokens`) those rows of dQ + dK + dV flow on
+    into LayerNorms, weight gradients and earlier layers. The select also drops a NaN there."""
+    return x_BxNxKxP
+
+
+def _zero_padded_cotangents_fwd(x_BxNxKxP, valid):
+    return x_BxNxKxP, None
+
+
+def _zero_padded_cotangents_bwd(valid, _, g_BxNxKxP):
+    real = (jnp.arange(g_BxNxKxP.shape[1]) < valid).reshape((1, -1) + (1,) * (g_BxNxKxP.ndim - 2))
+    return (jnp.where(real, g_BxNxKxP, jnp.zeros((), g_BxNxKxP.dtype)),)
+
+
+zero_padded_cotangents.defvjp(_zero_padded_cotangents_fwd, _zero_padded_cotangents_bwd)
 
 
 def padded_dot_product(
@@ -170,18 +197,21 @@ def padded_dot_product(
       they attend to the real keys, so every output row and every gradient row the kernel
       writes is defined. A kernel told `query_seq_lengths` = N may leave the padded rows of
       O, dQ, dK and dV unwritten; harmless only as long as nothing reads them;
-    * no padded row reaches a LayerNorm, a weight gradient or the loss: the output is sliced
-      back, the slice's transpose feeds zeros back, and a zero output gradient gives padded
-      rows zero contributions to dQ, dK and dV (and so to the projections' weight gradients).
-
-    `valid`: the caller padded already (`stream_tokens`): the first `valid` of the
-    q.shape[1] tokens are real, the call masks the rest and returns every row. Otherwise
-    (None, or all real) this call pads, attends and slices.
+    * padded here (`valid` None): no padded row reaches a LayerNorm, a weight gradient or the
+      loss: the output is sliced back, and the slice's transpose feeds zeros back;
+    * padded by the caller (`valid`: the first `valid` of the q.shape[1] tokens are real, as in
+      a stack that carries its padded rows, `stream_tokens`): the call masks the rest and
+      returns every row; the padded rows of dQ, dK and dV are set to exactly zero
+      (`zero_padded_cotangents`), so that whatever the kernel leaves there cannot reach a
+      weight gradient or a real row through the layers before.
 
     `implementation="xla"` runs the same masking on any backend (the CPU tests)."""
     b, n = q.shape[:2]
     if valid is not None and valid != n:
+        if not 0 < valid < n:
+            raise ValueError(f"valid={valid} real tokens of {n}")
         lengths = jnp.full((b,), valid, jnp.int32)
+        q, k, v = (zero_padded_cotangents(x, valid) for x in (q, k, v))
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=implementation
         )
@@ -189,7 +219,7 @@ def padded_dot_product(
     if tokens == n:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
     lengths = jnp.full((b,), n, jnp.int32)
-    q, k, v = (_pad_tokens(x, tokens) for x in (q, k, v))
+    q, k, v = (pad_tokens(x, tokens) for x in (q, k, v))
     out = jax.nn.dot_product_attention(
         q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation=implementation
     )
@@ -216,7 +246,7 @@ def _flash_local(q_BxKxNxP, k_BxKxNxP, v_BxKxNxP, scale: float):
     tokens = _round_up(n, PALLAS_TOKEN_MULTIPLE)
     segment_ids = None
     if tokens != n:
-        q_BxKxNxP, k_BxKxNxP, v_BxKxNxP = (_pad_tokens(x, tokens, 2) for x in (q_BxKxNxP, k_BxKxNxP, v_BxKxNxP))
+        q_BxKxNxP, k_BxKxNxP, v_BxKxNxP = (pad_tokens(x, tokens, 2) for x in (q_BxKxNxP, k_BxKxNxP, v_BxKxNxP))
         ids = jnp.broadcast_to((jnp.arange(tokens) < n).astype(jnp.int32), (b, tokens))
         segment_ids = fa.SegmentIds(q=ids, kv=ids)
     out = fa.flash_attention(q_BxKxNxP, k_BxKxNxP, v_BxKxNxP, segment_ids=segment_ids, sm_scale=scale)
@@ -236,8 +266,9 @@ def _pallas_tpu(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale: float):
     return out.transpose(0, 2, 1, 3)
 
 
-def _check_prepadded(implementation: str, tokens: int, valid: int | None) -> None:
-    # Only the cuDNN path masks padded keys; any other would attend to them.
+def check_padded(implementation: str, tokens: int, valid: int | None) -> None:
+    """A one-line error where `valid` of `tokens` are real but `implementation` (resolved) is
+    one that would attend to the padded keys (only "cudnn" masks them)."""
     if valid is not None and valid != tokens and implementation != "cudnn":
         raise ValueError(f"{tokens} tokens of which {valid} real: only attention 'cudnn' masks padded tokens")
 
@@ -253,7 +284,7 @@ def mssa(
     `cudnn_multiple`: the token count cuDNN's kernel gets is padded to a multiple of it;
     `valid`: cuDNN only, the tokens are padded already and the first `valid` are real
     (`padded_dot_product`)."""
-    _check_prepadded(implementation, u_BxNxKxP.shape[1], valid)
+    check_padded(implementation, u_BxNxKxP.shape[1], valid)
     if implementation in ("symmetric", "autodiff"):
         u_BxKxNxP = heads_major(u_BxNxKxP)
         if implementation == "symmetric":
@@ -284,7 +315,7 @@ def attend(
 ) -> jax.Array:
     """softmax(q kᵀ · scale) v, (B, N, K, P) each -> (B, N, K, P); `implementation` resolved;
     `cudnn_multiple` and `valid` as in `mssa`."""
-    _check_prepadded(implementation, q_BxNxKxP.shape[1], valid)
+    check_padded(implementation, q_BxNxKxP.shape[1], valid)
     if implementation == "autodiff":
         return written_out(q_BxNxKxP, k_BxNxKxP, v_BxNxKxP, scale, dtype)[0]
     if implementation == "dot_product":

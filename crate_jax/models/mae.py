@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE, resolve
+from crate_jax.models.attention import CUDNN_TOKEN_MULTIPLE, stream_multiple
 from crate_jax.models.crate import DecoderLayer, EncoderLayer, layer_norm
 from crate_jax.models.layers import (
     EMBED,
@@ -203,7 +203,7 @@ class _MAEBase(nn.Module):
 
     def _stack(self, layer_cls, layer_kwargs: dict, depth: int, capture: bool, name: str) -> LayerStack:
         # cuDNN attention: the stack carries the kernel's zero rows (stack.py), unless capturing.
-        cudnn = resolve(self.attention, self.dtype, self.attention_kind) == "cudnn" and not capture
+        multiple = stream_multiple(self.attention, self.dtype, self.attention_kind, self.cudnn_token_multiple)
         return LayerStack(
             layer_cls,
             flax.core.FrozenDict(layer_kwargs, dtype=self.dtype, param_dtype=self.param_dtype),
@@ -211,7 +211,7 @@ class _MAEBase(nn.Module):
             scan=self.scan_layers,
             remat=self.remat,
             capture=capture,
-            token_multiple=self.cudnn_token_multiple if cudnn else 0,
+            token_multiple=0 if capture else multiple,
             name=name,
         )
 
@@ -265,7 +265,7 @@ class CrateMAE(_MAEBase):
     ista_fused: bool = True
     encoder_tokens: str = "all"
     attention: str = "auto"  # MSSA's implementation (models.attention.MSSA_IMPLS)
-    attention_kind: ClassVar[str] = "mssa"  # for models.attention.resolve
+    attention_kind: ClassVar[str] = "mssa"  # its attention's model for models.attention.resolve
     cls_token: bool = True
     mask_token_space: str = "embedding"  # embedding | pixel | zeros
     position_table: str = "sincos"  # sincos | learned
@@ -372,7 +372,7 @@ class ViTMAE(_MAEBase):
     decoder_width: int = 512
     mlp_ratio: float = 4.0
     attention: str = "auto"  # the attention's implementation (models.attention.VIT_IMPLS)
-    attention_kind: ClassVar[str] = "vit"  # for models.attention.resolve
+    attention_kind: ClassVar[str] = "vit"  # its attention's model for models.attention.resolve
 
     @nn.compact
     def __call__(

@@ -10,7 +10,9 @@ With `token_multiple` (cuDNN attention, set by the models) the stack pads the to
 with zero rows (`attention.stream_tokens`), tells each layer the real count (`valid_tokens`),
 and slices the rows off after the last layer: the layers carry cuDNN's padding, rather than
 padding and slicing around every attention call. Every layer is row-wise but for attention,
-which masks the padded keys, so the real rows are exactly those of an unpadded stack.
+which masks the padded keys, so the real rows are exactly those of an unpadded stack; and the
+attention sets the padded rows' cotangents to zero (`attention.zero_padded_cotangents`), so
+nothing a kernel leaves there reaches a weight gradient or an earlier layer's real rows.
 
 Stochastic depth follows FAIR/timm: layer i's rate is `drop_path_schedule(rate, depth)[i]`,
 rising linearly from 0 in the first layer to `drop_path_rate` in the last. The rate is the
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crate_jax.models.attention import pad_rows, stream_tokens
+from crate_jax.models.attention import pad_tokens, stream_tokens
 from crate_jax.models.layers import LAYERS
 
 # Names that configs use for `jax.checkpoint` policies: "none" keeps every activation.
@@ -70,15 +72,13 @@ class LayerStack(nn.Module):
             # Under scan the loop already stops CSE from undoing remat.
             cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         kwargs = dict(self.layer_kwargs, capture=self.capture)
-        tokens = rows = x.shape[1] if self.token_multiple else 0
-        if self.token_multiple:
-            rows = stream_tokens(tokens, self.token_multiple)
-        if rows != tokens:
+        tokens = x.shape[1] if self.token_multiple else None
+        padded = tokens is not None and stream_tokens(tokens, self.token_multiple) > tokens
+        if padded:
             if self.capture:
                 raise ValueError("capture=True keeps the token count: build the stack with token_multiple=0")
-            x = pad_rows(x, rows)
+            x = pad_tokens(x, stream_tokens(tokens, self.token_multiple))
             kwargs["valid_tokens"] = tokens
-        unpad = (lambda y: y[:, :tokens]) if rows != tokens else (lambda y: y)
         # None when off, so the layers ask for no "dropout" RNG (pretraining passes none).
         rates = drop_path_schedule(self.drop_path_rate, self.depth) if self.drop_path_rate > 0 else None
         if self.scan:
@@ -90,13 +90,13 @@ class LayerStack(nn.Module):
                 metadata_params={nn.PARTITION_NAME: LAYERS},
             )
             x, stacked = scanned(**kwargs, name="layers")(x, None if rates is None else jnp.asarray(rates))
-            return unpad(x), stacked
+            return (x[:, :tokens] if padded else x), stacked
         auxes = []
         for i in range(self.depth):
             x, aux = cls(**kwargs, name=f"layer_{i}")(x, None if rates is None else float(rates[i]))
             auxes.append(aux)
         stacked = jax.tree.map(lambda *a: jnp.stack(a), *auxes) if self.capture else {}
-        return unpad(x), stacked
+        return (x[:, :tokens] if padded else x), stacked
 
 
 # Converting parameter trees between the two layouts, on flat {'a/b/c': array} dicts.

@@ -61,6 +61,7 @@ class Attention(nn.Module):
 
         q, k, v = project("query"), project("key"), project("value")
         implementation = attention_impls.resolve(self.attention, self.dtype, "vit")
+        attention_impls.check_padded(implementation, n, self.valid_tokens)
         scale = head_dim**-0.5
         out, attn_BxKxNxN = attention_impls.written_out(q, k, v, scale, self.dtype)
         if implementation != "autodiff":
