@@ -265,7 +265,8 @@ def test_the_stream_carrying_padded_rows_is_exact(monkeypatch, name, scan):
 
     def loss_and_grad(model):
         fn = lambda p: model.apply({"params": p}, images, noise=noise).loss  # noqa: E731
-        return jax.value_and_grad(fn)(params)
+        with jax.default_matmul_precision("highest"):  # no TF32 on a GPU: the padding, not the products
+            return jax.value_and_grad(fn)(params)
 
     ref_loss, ref_grad = loss_and_grad(ref_model)
     calls = _cudnn_through_xla(monkeypatch, nan_in_masked_key_gradients=True)
@@ -301,12 +302,15 @@ def test_the_classifiers_stream_carries_padded_rows_exactly(monkeypatch):
     ref_model = build(mae)
     variables = nn.unbox(classifier.init_variables(ref_model)(jax.random.key(0)))
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
-    ref = ref_model.apply(variables, images)
+    highest = jax.default_matmul_precision("highest")  # no TF32 on a GPU: the padding, not the products
+    with highest:
+        ref = ref_model.apply(variables, images)
     calls = _cudnn_through_xla(monkeypatch)
     monkeypatch.setattr(attention, "_HALF", ("bfloat16", "float16", "float32"))  # the kernel is XLA's here
     model = build(mae.clone(attention="cudnn"))
     assert model.layer_kwargs["attention"] == "cudnn" and model.layer_kwargs["cudnn_token_multiple"] == 2
-    out = model.apply(variables, images)
+    with highest:
+        out = model.apply(variables, images)
     assert "f32[4,66,64]" in str(jax.make_jaxpr(lambda v: model.apply(v, images))(variables))
     assert calls and all(c[1][1] == 66 and c[2] for c in calls)
     assert rel(out, ref) < 1e-6
