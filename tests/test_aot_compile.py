@@ -235,6 +235,20 @@ def test_cli_compiles_the_train_step_for_an_h200_without_one(tmp_path, attention
     assert rl["step_s"] == pytest.approx(max(rl["flops_per_chip"] / 989e12, rl["bytes_per_chip"] / 4.8e12))
 
 
+def _base_step_on_an_h200(tmp_path, name: str, flag: str) -> tuple[float, str]:
+    """CRATE-MAE-B at batch 64, bf16, unrolled, compiled for an H200 without one with one more
+    config flag: (HBM bytes per step by the HLO count, the optimised HLO's text)."""
+    out, hlo = tmp_path / f"{name}.json", tmp_path / f"{name}.hlo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=base",
+         "--config.batch_size=64", "--config.model.scan_layers=False", "--config.model.dtype=bfloat16", flag,
+         "--topology=h200", f"--out={out}", f"--dump_hlo={hlo}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(out.read_text())["hbm"]["bytes_per_chip"], hlo.read_text()
+
+
 @needs_cuda_plugin
 def test_saved_stats_layer_norms_move_fewer_hbm_bytes_on_an_h200(tmp_path):
     """`auto` LayerNorms on a GPU (saved statistics) against autodiff, CRATE-MAE-B at batch 64
@@ -242,22 +256,13 @@ def test_saved_stats_layer_norms_move_fewer_hbm_bytes_on_an_h200(tmp_path):
     At toy sizes (`runlocal`) the count goes the other way, so this compiles Base. The Pallas
     forward (`pallas_gpu`) compiles to a Triton kernel and fewer bytes again (README: 109.3
     against 112.3 GB at batch 256)."""
-    hbm = {}
+    hbm, hlo = {}, {}
     for form in ("autodiff", "auto", "pallas_gpu"):
-        out = tmp_path / f"{form}.json"
-        proc = subprocess.run(
-            [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=base",
-             "--config.batch_size=64", "--config.model.scan_layers=False", "--config.model.dtype=bfloat16",
-             f"--config.model.layer_norm_form={form}", "--topology=h200", f"--out={out}",
-             f"--dump_hlo={tmp_path}/{form}.hlo"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        hbm[form] = json.loads(out.read_text())["hbm"]["bytes_per_chip"]
+        hbm[form], hlo[form] = _base_step_on_an_h200(tmp_path, form, f"--config.model.layer_norm_form={form}")
     assert hbm["auto"] < 0.95 * hbm["autodiff"], hbm
     assert hbm["pallas_gpu"] < hbm["auto"], hbm
     triton = "__gpu$xla.gpu.triton"
-    assert triton in (tmp_path / "pallas_gpu.hlo").read_text() and triton not in (tmp_path / "auto.hlo").read_text()
+    assert triton in hlo["pallas_gpu"] and triton not in hlo["auto"]
 
 
 @needs_cuda_plugin
@@ -265,20 +270,11 @@ def test_cudnn_rows_carried_by_the_layers_move_fewer_bytes_on_an_h200(tmp_path):
     """cuDNN's token padding on CRATE-MAE-B at batch 64 compiled for an H200: `auto` (197 -> 198,
     the zero row carried through each layer stack) against whole 128-token tiles (197 -> 256,
     padded around each kernel call), fewer HBM bytes (README: 112 against 133 GB at batch 256)."""
-    hbm = {}
+    hbm, hlo = {}, {}
     for multiple in (2, 128):
-        out = tmp_path / f"{multiple}.json"
-        proc = subprocess.run(
-            [sys.executable, "-m", "crate_jax.tools.aot_compile", "--config=configs/imagenet_mae.py:variant=base",
-             "--config.batch_size=64", "--config.model.scan_layers=False", "--config.model.dtype=bfloat16",
-             f"--config.model.cudnn_token_multiple={multiple}", "--topology=h200", f"--out={out}",
-             f"--dump_hlo={tmp_path}/{multiple}.hlo"],
-            cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"},
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        hbm[multiple] = json.loads(out.read_text())["hbm"]["bytes_per_chip"]
+        flag = f"--config.model.cudnn_token_multiple={multiple}"
+        hbm[multiple], hlo[multiple] = _base_step_on_an_h200(tmp_path, str(multiple), flag)
     assert hbm[2] < 0.95 * hbm[128], hbm
     # The kernel sees 198 tokens, and the projections run on the padded rows: 64 x 198 of them.
-    text = (tmp_path / "2.hlo").read_text()
-    assert "bf16[64,12,198,64]" in text and "bf16[12672,768]" in text
-    assert "bf16[64,12,256,64]" in (tmp_path / "128.hlo").read_text()
+    assert "bf16[64,12,198,64]" in hlo[2] and "bf16[12672,768]" in hlo[2]
+    assert "bf16[64,12,256,64]" in hlo[128]

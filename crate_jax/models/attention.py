@@ -149,8 +149,7 @@ def stream_tokens(tokens: int, multiple: int = CUDNN_TOKEN_MULTIPLE) -> int:
     gradient padded): the compiled CRATE-MAE-B step on an H200 moves 112 GB against 123 GB at
     197 -> 198 tokens. At 197 -> 256 the layers' 30% more rows would cost more than the copies
     (a measured alternative, padding only the projections' rows to 256 around each MSSA: 135
-    against 133 GB), so beyond
-    `STREAM_PAD_MAX_FRACTION` more rows each call pads for itself."""
+    against 133 GB), so beyond `STREAM_PAD_MAX_FRACTION` more rows each call pads for itself."""
     padded = _round_up(tokens, multiple)
     return padded if padded - tokens <= tokens * STREAM_PAD_MAX_FRACTION else tokens
 

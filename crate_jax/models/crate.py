@@ -176,7 +176,8 @@ def drop_path(x_BxNxD: jax.Array, rate: float | jax.Array, key: jax.Array) -> ja
 def _mssa(layer: EncoderLayer | DecoderLayer) -> MSSA:
     """The layer's MSSA from the layer's own fields (called inside its compact `__call__`)."""
     fields = (layer.width, layer.num_heads, layer.dtype, layer.param_dtype, layer.attention)
-    return MSSA(*fields, layer.cudnn_token_multiple, layer.valid_tokens, name="mssa")
+    padding = dict(cudnn_token_multiple=layer.cudnn_token_multiple, valid_tokens=layer.valid_tokens)
+    return MSSA(*fields, **padding, name="mssa")
 
 
 class EncoderLayer(nn.Module):

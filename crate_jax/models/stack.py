@@ -73,11 +73,12 @@ class LayerStack(nn.Module):
             cls = nn.remat(cls, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan)
         kwargs = dict(self.layer_kwargs, capture=self.capture)
         tokens = x.shape[1] if self.token_multiple else None
-        padded = tokens is not None and stream_tokens(tokens, self.token_multiple) > tokens
+        rows = stream_tokens(tokens, self.token_multiple) if self.token_multiple else tokens
+        padded = rows != tokens
         if padded:
             if self.capture:
                 raise ValueError("capture=True keeps the token count: build the stack with token_multiple=0")
-            x = pad_tokens(x, stream_tokens(tokens, self.token_multiple))
+            x = pad_tokens(x, rows)
             kwargs["valid_tokens"] = tokens
         # None when off, so the layers ask for no "dropout" RNG (pretraining passes none).
         rates = drop_path_schedule(self.drop_path_rate, self.depth) if self.drop_path_rate > 0 else None

@@ -102,8 +102,8 @@ class ViTBlock(nn.Module):
             self.dtype,
             self.param_dtype,
             self.attention,
-            self.cudnn_token_multiple,
-            self.valid_tokens,
+            cudnn_token_multiple=self.cudnn_token_multiple,
+            valid_tokens=self.valid_tokens,
             name="attn",
         )
         attn_out, attn = attention(ln("norm1")(x_BxNxD))
