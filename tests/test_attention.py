@@ -362,6 +362,15 @@ def test_cudnn_kernel_at_the_base_models_token_counts(tokens, multiple, prepadde
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(198, 197, 12, 64), (256, 197, 12, 64), (50, 50, 12, 64), (198, 197, 16, 32)])
+def test_cudnn_kernel_passes_its_check_at_the_base_models_shapes(shape):
+    """The check a GPU step runs before using the kernel (`check_cudnn_kernel`), at CRATE-MAE-B's
+    and ViT-MAE-B's calls: 197 tokens carried as 198 or padded to 256, the visible 50, and
+    ViT-MAE-B's decoder (16 heads of 32). A failure here means the step falls back (logged)."""
+    assert attention.check_cudnn_kernel(*shape, jnp.bfloat16) is None
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")
 @pytest.mark.parametrize(
     "name, multiple", [("crate_mae_tiny", 2), ("mae_vit_base", 2), ("crate_mae_tiny", 128), ("mae_vit_base", 128)]
 )
@@ -383,3 +392,84 @@ def test_cudnn_kernel_on_gpu_against_fp32(name, multiple):
     assert rel(pred, ref_pred) < 5e-2
     assert rel(jnp.concatenate([g.ravel() for g in jax.tree.leaves(grad)]),
                jnp.concatenate([g.ravel() for g in jax.tree.leaves(ref_grad)])) < 5e-2  # fmt: skip
+
+
+def _kernel_standing_in(monkeypatch, rejects=None, ignores_the_mask=False):
+    """`_cudnn_through_xla` with a kernel that misbehaves: raises JAX's error where
+    `rejects(tokens)`, or attends to the padded keys (drops `key_value_seq_lengths`)."""
+    calls = _cudnn_through_xla(monkeypatch)
+    through_xla = jax.nn.dot_product_attention
+
+    def kernel(q, k, v, *, implementation=None, **kwargs):
+        if implementation == "cudnn" and rejects and rejects(q.shape[1]):
+            raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+        if implementation == "cudnn" and ignores_the_mask:
+            kwargs.pop("key_value_seq_lengths", None)
+        return through_xla(q, k, v, implementation=implementation, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", kernel)
+    return calls
+
+
+def test_the_kernel_check_passes_an_exact_kernel_and_catches_a_wrong_one(monkeypatch):
+    """`check_cudnn_kernel`, run on a GPU at each call shape before a step uses the kernel:
+    None for a kernel that computes the masked attention, the reason for one that rejects the
+    shape or lets a padded key through (its large key and value make the error O(1))."""
+    _cudnn_through_xla(monkeypatch)
+    for shape in [(198, 197, 2, 16), (50, 50, 3, 8), (256, 197, 2, 16)]:
+        assert attention.check_cudnn_kernel(*shape, jnp.bfloat16) is None
+    _kernel_standing_in(monkeypatch, ignores_the_mask=True)
+    reason = attention.check_cudnn_kernel(198, 197, 2, 16, jnp.bfloat16)
+    assert reason.startswith("differs from XLA's attention: output")
+    assert float(reason.split("output ")[1].split(",")[0]) > 0.3  # O(1), not bf16 noise
+    assert attention.check_cudnn_kernel(50, 50, 2, 16, jnp.bfloat16) is None  # nothing padded, nothing to let through
+    _kernel_standing_in(monkeypatch, rejects=lambda n: n % 128)
+    assert attention.check_cudnn_kernel(198, 197, 2, 16, jnp.bfloat16) == (
+        "NotImplementedError: Unsupported sequence length Q 198, KV 198."
+    )
+
+
+@pytest.mark.parametrize("scan, broken", [(False, "rejects 66"), (True, "lets padded keys through")])
+def test_a_kernel_failing_its_check_is_replaced_exactly(monkeypatch, scan, broken):
+    """Where the check fails on the GPU (here: the process made to look like one), the jitted
+    step takes the next path that passes, with the same loss and gradients: the real rows
+    padded to whole 128-token tiles around the call (a kernel rejecting 66 tokens), else XLA's
+    attention (a kernel that attends to padded keys at any count). Each shape is checked once
+    and its outcome kept in `CUDNN_CHECKS`."""
+    size = dict(TINY, scan_layers=scan)
+    images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    noise = np.random.default_rng(1).uniform(size=(4, 64)).astype(np.float32)
+    ref_model = models.build("crate_mae_tiny", **size)
+    params = ref_model.init(jax.random.key(0), images)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.ones_like(p), params)
+
+    def loss_and_grad(model):
+        fn = lambda p: model.apply({"params": p}, images, noise=noise).loss  # noqa: E731
+        with jax.default_matmul_precision("highest"):
+            return jax.jit(jax.value_and_grad(fn))(params)
+
+    ref_loss, ref_grad = loss_and_grad(ref_model)
+    if broken == "rejects 66":
+        calls = _kernel_standing_in(monkeypatch, rejects=lambda n: n % 128)
+    else:
+        calls = _kernel_standing_in(monkeypatch, ignores_the_mask=True)
+    monkeypatch.setattr(attention, "_HALF", ("bfloat16", "float16", "float32"))  # the kernel is XLA's here
+    monkeypatch.setattr(attention, "_on_gpu_devices", lambda: True)
+    monkeypatch.setattr(attention, "CUDNN_CHECKS", {})
+    model = models.build("crate_mae_tiny", attention="cudnn", cudnn_token_multiple=2, **size)
+    loss, grad = loss_and_grad(model)
+    checks = attention.CUDNN_CHECKS
+    assert set(checks) == {(66, 65, 4, 16, "float32"), (128, 65, 4, 16, "float32")}
+    assert checks[(66, 65, 4, 16, "float32")]
+    step_calls = {(c[0], c[1][1]) for c in calls if c[1][0] == 4}  # the step's, not the check's (batch 2)
+    if broken == "rejects 66":
+        assert checks[(128, 65, 4, 16, "float32")] is None and step_calls == {("cudnn", 128)}
+    else:
+        assert checks[(128, 65, 4, 16, "float32")] and step_calls == {("xla", 65)}
+    assert rel(loss, ref_loss) < 1e-6
+    ref_leaves = jax.tree.leaves(ref_grad)
+    floor = 1e-3 * float(np.sqrt(sum(np.sum(np.square(g)) for g in ref_leaves)))
+    for g, ref_g in zip(jax.tree.leaves(grad), ref_leaves, strict=True):
+        assert np.linalg.norm(np.asarray(g, np.float64) - np.asarray(ref_g, np.float64)) < 1e-5 * max(
+            np.linalg.norm(ref_g), floor
+        )

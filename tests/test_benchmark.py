@@ -162,6 +162,7 @@ def test_harness_writes_well_formed_results(tmp_path):
     # MFU counts the released computation: ISTA as three products, for JAX and PyTorch rows alike.
     assert results[0]["model_flops_per_step"] > results[0]["flops_per_step"]
     assert results[0]["attention"] == "symmetric"  # auto on CPU
+    assert results[0]["cudnn_checks"] is None  # no cuDNN kernel to check
     if torch_module:
         eager, sdpa = results[-2], results[-1]
         assert eager["attention_modules_on_sdpa"] == 0 and sdpa["attention_modules_on_sdpa"] == 4

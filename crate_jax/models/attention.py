@@ -14,7 +14,9 @@ head dim). CRATE's MSSA calls `mssa` (q = k = v = u); the ViT baseline calls `at
                  bf16/fp16 only): no B×K×N×N tensor in HBM. Tokens are padded with zeros to a
                  multiple of `CUDNN_TOKEN_MULTIPLE` and the padded keys masked through
                  `key_value_seq_lengths` (see `padded_dot_product`); where that adds few
-                 rows, the layer stack carries them instead (`stream_tokens`).
+                 rows, the layer stack carries them instead (`stream_tokens`). On a GPU the
+                 kernel is first checked at each call shape against XLA (`check_cudnn_kernel`);
+                 a shape that fails takes an exact fallback (`_cudnn`).
   "pallas_tpu"   the Pallas TPU flash-attention kernel (`jax.experimental.pallas.ops.tpu`),
                  padded to `PALLAS_TOKEN_MULTIPLE` with padded keys masked by segment ids,
                  inside `shard_map` over the mesh's batch and head axes (Mosaic kernels are not
@@ -32,6 +34,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from crate_jax.models.layers import ACT_BATCH, ACT_HEADS, ACT_LENGTH, shard_spec, trace_platform
 
@@ -49,6 +52,8 @@ ATTENTION_IMPLS = MSSA_IMPLS  # every name some model takes
 # The compiled CRATE-MAE-B step on an H200 moves 112 GB with it, 133 GB with 128 (whole
 # 128-token tiles, 197 -> 256, still selectable); untimed on a GPU (README).
 CUDNN_TOKEN_MULTIPLE = 2
+# Whole 128-token tiles: `_cudnn`'s fallback where the kernel fails its check at the default.
+WHOLE_TILE_MULTIPLE = 128
 # `stream_tokens`: the layers carry the padding when it adds at most 1/16 of the rows.
 STREAM_PAD_MAX_FRACTION = 1 / 16
 # The Pallas TPU kernel's blocks are 128 tokens (`BlockSizes.get_default`, MIN_BLOCK_SIZE).
@@ -225,14 +230,102 @@ def padded_dot_product(
     return out[:, :n]
 
 
+# The run-time check of cuDNN's kernel at each call shape a step traces on a GPU (`_cudnn`):
+# (tokens the kernel gets, real tokens, heads, head dim, dtype) -> None where the kernel ran
+# and matched XLA, else why not. Filled once per process; the benchmark reports it.
+CUDNN_CHECKS: dict[tuple[int, int, int, int, str], str | None] = {}
+# The check's tolerances, those of the GPU tests: bf16 kernel against fp32 XLA, norm-relative.
+CHECK_TOLERANCE = {"out": 2e-2, "grad": 5e-2}
+
+
+def _on_gpu_devices() -> bool:
+    """Whether this process runs on GPUs (not an ahead-of-time compile for one on a CPU host)."""
+    return jax.default_backend() == "gpu"
+
+
+def _relative_error(a: jax.Array, b: jax.Array) -> float:
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
+
+
+def check_cudnn_kernel(tokens: int, valid: int, heads: int, head_dim: int, dtype) -> str | None:
+    """Runs cuDNN's kernel once at one call's shape (batch 2, `tokens` rows of which the first
+    `valid` are real keys), forward and gradient, against XLA's attention in fp32 on the same
+    inputs. None if it matches within `CHECK_TOLERANCE` and is finite, else the reason.
+
+    The padded keys get a large key and value, so a kernel that let them through (the partial
+    last tile of 198 or 50 tokens computed wrongly, say) is off by O(1), not by bf16 noise."""
+    rng = jax.random.split(jax.random.key(0), 4)
+    shape = (2, tokens, heads, head_dim)
+    q, k, v = (jax.random.normal(r, shape, jnp.float32) for r in rng[:3])
+    real = (jnp.arange(tokens) < valid)[None, :, None, None]
+    k = jnp.where(real, k, 8.0 / head_dim**0.5)
+    v = jnp.where(real, v, 10.0)
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    weights = jax.random.normal(rng[3], shape, jnp.float32) * real
+    lengths = jnp.full((2,), valid, jnp.int32) if valid < tokens else None  # as `padded_dot_product` calls it
+
+    def loss_and_grads(implementation, q, k, v):
+        def loss(q, k, v):
+            out = jax.nn.dot_product_attention(
+                q, k, v, scale=head_dim**-0.5, key_value_seq_lengths=lengths, implementation=implementation
+            )
+            return jnp.sum(out.astype(jnp.float32) * weights), out
+
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+        # Only the real rows: the padded keys' dK and dV need not be written (`zero_padded_cotangents`).
+        return out, jnp.concatenate([jnp.where(real, g, 0).ravel() for g in grads])
+
+    try:
+        out, grads = loss_and_grads("cudnn", q, k, v)
+        ref_out, ref_grads = loss_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+    except Exception as e:  # a shape cuDNN or JAX's wrapper rejects, at trace, compile or run time
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    out_error = _relative_error(jnp.where(real, out, 0), jnp.where(real, ref_out, 0))
+    grad_error = _relative_error(grads, ref_grads)
+    if not (out_error < CHECK_TOLERANCE["out"] and grad_error < CHECK_TOLERANCE["grad"]):  # NaN fails too
+        return f"differs from XLA's attention: output {out_error:.3g}, gradient {grad_error:.3g} relative"
+    return None
+
+
+def _kernel_fails(tokens: int, valid: int, heads: int, head_dim: int, dtype) -> str | None:
+    """`check_cudnn_kernel` once per shape and process, on GPUs only (an ahead-of-time compile
+    has no kernel to run); runs eagerly even inside a step's trace."""
+    key = (tokens, valid, heads, head_dim, jnp.dtype(dtype).name)
+    if key not in CUDNN_CHECKS:
+        if not _on_gpu_devices():
+            return None
+        with jax.ensure_compile_time_eval():
+            CUDNN_CHECKS[key] = check_cudnn_kernel(*key)
+        if CUDNN_CHECKS[key]:
+            logging.warning("cuDNN's attention at %d tokens (%d real), %d heads of %d, %s: %s", *key, CUDNN_CHECKS[key])
+    return CUDNN_CHECKS[key]
+
+
 def _cudnn(q, k, v, scale: float, multiple: int = CUDNN_TOKEN_MULTIPLE, valid: int | None = None):
+    """cuDNN's kernel with its token padding (`padded_dot_product`), checked on the GPU at this
+    call's shape first (`check_cudnn_kernel`). Where the kernel fails the check, exactly the
+    same function by the next path that passes: the real rows padded to whole 128-token tiles
+    around the call (the padded stream's extra rows get zeros), else XLA's attention, which
+    materialises the probabilities. Each fallback is logged once and kept in `CUDNN_CHECKS`."""
     if jnp.dtype(q.dtype).name not in _HALF:
         raise ValueError(
             f"model.attention='cudnn' needs model.dtype bfloat16 or float16 (cuDNN's fused kernel), got {q.dtype}"
         )
     if (where := trace_platform()) != "gpu":
         raise ValueError(f"model.attention='cudnn' runs on CUDA GPUs only, not on {where!r}")
-    return padded_dot_product(q, k, v, scale, "cudnn", multiple, valid)
+    rows, heads, head_dim = q.shape[1:]
+    real = rows if valid is None else valid
+    if not _kernel_fails(_round_up(rows, multiple), real, heads, head_dim, q.dtype):
+        return padded_dot_product(q, k, v, scale, "cudnn", multiple, valid)
+    q, k, v = (x[:, :real] for x in (q, k, v))
+    whole_tiles = _round_up(real, WHOLE_TILE_MULTIPLE)
+    if not _kernel_fails(whole_tiles, real, heads, head_dim, q.dtype):
+        out = padded_dot_product(q, k, v, scale, "cudnn", WHOLE_TILE_MULTIPLE)
+    else:
+        lengths = jnp.full((q.shape[0],), real, jnp.int32)
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="xla")
+    return pad_tokens(out, rows)
 
 
 def _flash_local(q_BxKxNxP, k_BxKxNxP, v_BxKxNxP, scale: float):

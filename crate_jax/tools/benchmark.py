@@ -296,6 +296,14 @@ def measure_variant(
     return {
         "variant": variant,
         "attention": resolved,
+        # cuDNN's kernel checked on the GPU at each call shape (`attention.check_cudnn_kernel`):
+        # "ok", or why the step took the whole-tile or XLA path there instead.
+        "cudnn_checks": [
+            dict(zip(("tokens", "real_tokens", "heads", "head_dim", "dtype"), key, strict=True), result=why or "ok")
+            for key, why in attention.CUDNN_CHECKS.items()
+        ]
+        if resolved == "cudnn"
+        else None,
         "model": config.model.name,
         "batch_size": batch_size,
         "image_size": model.image_size,
