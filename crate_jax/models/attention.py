@@ -282,10 +282,11 @@ def check_cudnn_kernel(tokens: int, valid: int, heads: int, head_dim: int, dtype
         out, grads = loss_and_grads("cudnn", q, k, v)
         with jax.default_matmul_precision("highest"):  # no TF32 in the reference on a GPU
             ref_out, ref_grads = loss_and_grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+        # Inside the try: an error the kernel raises when it runs surfaces when its results are read.
+        out_error = _relative_error(jnp.where(real, out, 0), jnp.where(real, ref_out, 0))
+        grad_error = _relative_error(grads, ref_grads)
     except Exception as e:  # a shape cuDNN or JAX's wrapper rejects, at trace, compile or run time
         return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    out_error = _relative_error(jnp.where(real, out, 0), jnp.where(real, ref_out, 0))
-    grad_error = _relative_error(grads, ref_grads)
     if not (out_error < CHECK_TOLERANCE["out"] and grad_error < CHECK_TOLERANCE["grad"]):  # NaN fails too
         return f"differs from XLA's attention: output {out_error:.3g}, gradient {grad_error:.3g} relative"
     return None
