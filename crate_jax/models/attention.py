@@ -326,9 +326,8 @@ def _cudnn(q, k, v, scale: float, multiple: int = CUDNN_TOKEN_MULTIPLE, valid: i
     whole_tiles = _round_up(real, WHOLE_TILE_MULTIPLE)
     if not _kernel_fails(whole_tiles, real, heads, head_dim, q.dtype):
         out = padded_dot_product(q, k, v, scale, "cudnn", WHOLE_TILE_MULTIPLE)
-    else:
-        lengths = jnp.full((q.shape[0],), real, jnp.int32)
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths, implementation="xla")
+    else:  # the real rows only: nothing to mask
+        out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla")
     return pad_tokens(out, rows)
 
 
