@@ -96,35 +96,6 @@ def load_image_dir(path: str, image_size: int, num_images: int) -> tuple[np.ndar
     return np.stack(images), [f.name for f in files]
 
 
-def load_dataset_images(
-    name: str, split: str, data_dir: str | None, image_size: int, num_images: int, batch_size: int
-) -> np.ndarray:
-    """The first `num_images` decodable examples of `name`/`split`, in order, eval transform."""
-    batches = data.make_iterator(
-        name=name,
-        split=split,
-        data_dir=data_dir,
-        image_size=image_size,
-        transform="eval",
-        global_batch_size=batch_size,
-        seed=0,
-        shuffle=False,
-        num_epochs=1,
-        drop_remainder=False,
-        process_index=0,
-        process_count=1,
-    )
-    chunks, count = [], 0
-    for batch in batches:
-        chunks.append(batch["image"][batch["weight"] > 0])
-        count += len(chunks[-1])
-        if count >= num_images:
-            break
-    if not count:
-        raise ValueError(f"{name}/{split} yielded no decodable images")
-    return np.concatenate(chunks)[:num_images]
-
-
 @functools.cache
 def _unmasked_step(model, what: tuple[str, ...]):
     """Jitted (params, images) -> per-image diagnostics of an un-masked forward pass.
@@ -263,13 +234,13 @@ def run(
     elif what == ("completion",):  # nothing else to analyse: read only the held-out split
         pixels, source = None, {"dataset": dataset}
     else:
-        pixels = load_dataset_images(dataset, split, data_dir, size, num_images, batch_size)
+        pixels = data.first_images(dataset, split, data_dir, size, num_images, batch_size)
         source = {"dataset": dataset, "split": split}
     held_out = None  # completion's images: always at the model's own size (its masks are the model's)
     if "completion" in what and images:
         held_out = pixels if size == model.image_size else load_image_dir(images, model.image_size, num_images)[0]
     elif "completion" in what:
-        held_out = load_dataset_images(dataset, completion_split, data_dir, model.image_size, num_images, batch_size)
+        held_out = data.first_images(dataset, completion_split, data_dir, model.image_size, num_images, batch_size)
         pixels = held_out if pixels is None else pixels
     n, shown = len(pixels), min(num_show, len(pixels))
     step = meta.get("step")

@@ -170,6 +170,19 @@ def make_train_step(model, tx, schedule, *, seed: int, batch_size: int, grad_acc
     return step
 
 
+def jit_train_step(fn, shardings: TrainState, mesh: Mesh):
+    """`fn(state, batch) -> (state, metrics)` jitted as the trainer runs it: the state in and
+    out with its shardings and donated (updated in place), the batch split over the mesh's batch
+    axes, the metrics replicated."""
+    batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("image", "label", "weight")}
+    return jax.jit(
+        fn,
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
 def make_eval_step(model, *, seed: int, batch_size: int):
     """(params, batch) -> (loss sum, weight): masks fixed across evaluations."""
 

@@ -203,13 +203,7 @@ def fit(config, workdir: str, task: Task) -> dict[str, float]:
             logging.info("initialised from %s", config.init_from)
     watchdog.beat("state ready")
 
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("image", "label", "weight")}
-    train_step = jax.jit(
-        task.make_step(tx),
-        in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    train_step = step.jit_train_step(task.make_step(tx), shardings, mesh)
     hooks = [periodic_actions.ReportProgress(num_train_steps=config.total_steps, writer=log.writer)]
     # jax's profiler writes local files only: into the log's local mirror, copied into the workdir
     profiler = _Profiler(log.local_dir / "profile", config.profile_steps) if jax.process_index() == 0 else None

@@ -216,29 +216,7 @@ def load_split(
 ) -> np.ndarray:
     """The first `num_images` examples of `name`/`split` through the eval transform, as uint8,
     read whole by this process (every process gets the same images)."""
-    batches = data.make_iterator(
-        name=name,
-        split=split,
-        data_dir=data_dir,
-        image_size=image_size,
-        transform="eval",
-        global_batch_size=batch_size,
-        seed=0,
-        shuffle=False,
-        num_epochs=1,
-        drop_remainder=False,
-        process_index=0,
-        process_count=1,
-    )
-    chunks, count = [], 0
-    for batch in batches:
-        chunks.append(batch["image"][batch["weight"] > 0])
-        count += len(chunks[-1])
-        if count >= num_images:
-            break
-    if not count:
-        raise ValueError(f"{name}/{split} yielded no decodable images for the completion metric")
-    return to_uint8(np.concatenate(chunks)[:num_images])
+    return to_uint8(data.first_images(name, split, data_dir, image_size, num_images, batch_size))
 
 
 @contextlib.contextmanager

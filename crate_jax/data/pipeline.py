@@ -36,6 +36,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
@@ -218,6 +219,37 @@ def make_iterator(
         drop_remainder=drop_remainder,
         start_batch=start_batch,
     )
+
+
+def first_images(
+    name: str, split: str, data_dir: str | None, image_size: int, num_images: int, batch_size: int = 64
+) -> np.ndarray:
+    """The first `num_images` decodable examples of `name`/`split`, in order, through the eval
+    transform (float32 in [0, 1]), read whole by this process: every process gets the same
+    images (analysis and the completion metric)."""
+    batches = make_iterator(
+        name=name,
+        split=split,
+        data_dir=data_dir,
+        image_size=image_size,
+        transform="eval",
+        global_batch_size=batch_size,
+        seed=0,
+        shuffle=False,
+        num_epochs=1,
+        drop_remainder=False,
+        process_index=0,
+        process_count=1,
+    )
+    chunks, count = [], 0
+    for batch in batches:
+        chunks.append(batch["image"][batch["weight"] > 0])
+        count += len(chunks[-1])
+        if count >= num_images:
+            break
+    if not count:
+        raise ValueError(f"{name}/{split} yielded no decodable images")
+    return np.concatenate(chunks)[:num_images]
 
 
 def _grain_iterator(

@@ -91,13 +91,7 @@ def lower_train_step(config, mesh):
     abstract, shardings, tx = step.abstract_state_from(
         task.init_variables, task.make_optimizer, mesh, rules, sharding.update_axes(config)
     )
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("image", "label", "weight")}
-    train_step = jax.jit(
-        task.make_step(tx),
-        in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    train_step = step.jit_train_step(task.make_step(tx), shardings, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return train_step.lower(abstract, abstract_batch(config)), abstract
 

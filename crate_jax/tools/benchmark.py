@@ -222,17 +222,10 @@ def _train_step(config, model, init: bool = True):
         state = step.init_state(model, tx, config.seed, shardings, mesh, rules)
     else:
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch_shardings = {k: sharding.batch_sharding(mesh) for k in ("image", "label", "weight")}
     fn = step.make_train_step(
         model, tx, schedule, seed=config.seed, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps
     )
-    jitted = jax.jit(
-        fn,
-        in_shardings=(shardings, batch_shardings),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    return jitted, state, mesh, rules
+    return step.jit_train_step(fn, shardings, mesh), state, mesh, rules
 
 
 def released_flops(model):
