@@ -48,4 +48,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         "start-up: %s; process %d of %d, %d local devices of %d",
         found, jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
     )  # fmt: skip
+    if jax.process_count() > 1 and jax.default_backend() == "cpu" and cached_cpu_collectives_hang():
+        jax.config.update("jax_enable_compilation_cache", False)
+        logging.warning("jax %s: no persistent compilation cache in this multi-process CPU run", jax.__version__)
     return found
+
+
+def cached_cpu_collectives_hang(version: str = jax.__version__) -> bool:
+    """Whether this JAX hangs in a multi-process CPU run's executables loaded from the persistent
+    compilation cache: with jax 0.12.1 (2026-12-07) two processes on 127.0.0.1 that loaded their
+    train or eval step from a cache an earlier identical run had written both waited forever at
+    its first collective, where the same run compiling afresh passed; jax 0.10.2 and 0.11.2 do not.
+    Such runs (tests, simulated pods) then compile instead."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return (major, minor) >= (0, 12)

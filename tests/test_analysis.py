@@ -81,7 +81,8 @@ def test_identical_tokens_compress_below_random_tokens():
     r_random = layer_coding_rates(random, HEADS)
     assert np.all(r_same < r_random)
     # One direction per head: X X^T = 1 1^T, so each head gives 1/2 log(1 + p / eps^2).
-    np.testing.assert_allclose(r_same, 0.5 * HEADS * np.log1p(HEAD_DIM / 0.01), rtol=1e-5)
+    # fp32 Cholesky of I + 1600·(rank one): jax 0.12.1's CPU numerics land 1.5e-5 off, 0.10.2's closer.
+    np.testing.assert_allclose(r_same, 0.5 * HEADS * np.log1p(HEAD_DIM / 0.01), rtol=5e-5)
 
 
 def test_sparsity_counts_exact_zeros():

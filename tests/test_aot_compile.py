@@ -103,6 +103,21 @@ def test_gpu_compile_without_the_cuda_plugin_says_what_to_install():
         topologies.parse("h200").devices()
 
 
+def test_deviceless_cudnn_failure_of_newer_jax_gets_a_hint():
+    from crate_jax.tools.aot_compile import gpu_compile_hint
+
+    # What jax 0.12.1 + jax-cuda13-plugin 0.12.1 raised here compiling CRATE-MAE for an H200.
+    text = (
+        "INVALID_ARGUMENT: StreamExecutor is null and deviceless cuDNN compilation is not enabled; "
+        "failed to resolve cuDNN support for custom call: __cudnn$fmhaSoftmax\n\nSuspected Python Code Location:"
+    )
+    hint = gpu_compile_hint(text)
+    assert "--config.model.attention=symmetric" in hint and "__cudnn$fmhaSoftmax" in hint
+    assert "\n" not in hint  # one line
+    assert gpu_compile_hint("RESOURCE_EXHAUSTED: out of memory while trying to allocate") is None
+    assert gpu_compile_hint("INTERNAL: cuDNN error CUDNN_STATUS_BAD_PARAM") is None
+
+
 @needs_libtpu
 def test_abstract_devices():
     from crate_jax.tools import aot_compile  # noqa: F401 - sets the environment libtpu needs here

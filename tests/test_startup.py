@@ -77,3 +77,11 @@ def test_without_the_fix_libtpu_would_speak():
     proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True,
                           timeout=900)  # fmt: skip
     assert "TPU_WORKER_HOSTNAMES" in proc.stderr
+
+
+def test_multi_process_cpu_runs_skip_the_compilation_cache_only_where_it_hangs():
+    from crate_jax.cluster import cached_cpu_collectives_hang
+
+    assert not cached_cpu_collectives_hang("0.10.2") and not cached_cpu_collectives_hang("0.11.2")
+    assert cached_cpu_collectives_hang("0.12.1") and cached_cpu_collectives_hang("0.12.0.1")
+    assert cached_cpu_collectives_hang("1.0.0.dev20270101")

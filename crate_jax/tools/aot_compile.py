@@ -73,6 +73,28 @@ class DoesNotFit(Exception):
     """The compiled step needs more memory per chip than the chip has."""
 
 
+class CannotCompileHere(Exception):
+    """The step cannot be compiled for this topology on this host (the message says what to do)."""
+
+
+def gpu_compile_hint(error_text: str) -> str | None:
+    """What to do when compiling for a GPU without one fails in a known way; None otherwise.
+
+    From jax 0.12, XLA compiles cuDNN's fused attention without a GPU only in its "deviceless
+    cuDNN" mode, and that needs NVIDIA's driver library (libcuda) on the host: seen with jax
+    0.12.1 and jax-cuda13-plugin 0.12.1 on a CPU host (2026-12-07). jax 0.10.2 and 0.11.2
+    compile it here without either."""
+    if "cudnn" not in error_text.lower() or "deviceless" not in error_text.lower():
+        return None
+    first = error_text.strip().splitlines()[0]
+    return (
+        f"jax {jax.__version__} cannot compile cuDNN's fused attention for a GPU on a host without one "
+        "(JAX's CUDA plugin then needs NVIDIA's driver library and "
+        "--xla_gpu_cudnn_deviceless_compilation_mode); compile on a GPU host, with jax 0.11.2 or 0.10.2, "
+        f"or for XLA's attention with --config.model.attention=symmetric. The compiler said: {first}"
+    )
+
+
 def abstract_batch(config) -> dict[str, jax.ShapeDtypeStruct]:
     """What `sharding.global_batch` makes of one batch of the input pipeline."""
     b, s = config.batch_size, config.model.image_size
@@ -208,6 +230,8 @@ def analyze(config, topology: topologies.Topology, count_flops: bool = True, dum
     except Exception as e:  # XlaRuntimeError; its text holds the numbers
         if "RESOURCE_EXHAUSTED" in str(e) or ("exceeds" in str(e) and "HBM" in str(e)):
             raise DoesNotFit(str(e)) from e
+        if topology.platform == "gpu" and (hint := gpu_compile_hint(str(e))):
+            raise CannotCompileHere(hint) from e
         raise
     compile_s = time.perf_counter() - t0
 
@@ -336,6 +360,8 @@ def main(argv):
             result = {"topology": topology.accelerator_type, "model": FLAGS.config.model.name, "fits": False}
             epath.Path(FLAGS.out).write_text(json.dumps(result | oom_numbers(str(e)) | {"error": str(e)}, indent=2))
         sys.exit(1)
+    except CannotCompileHere as e:
+        sys.exit(f"error: {e}")
     print(format_report(report))
     if FLAGS.out:
         epath.Path(FLAGS.out).write_text(json.dumps(report, indent=2))
