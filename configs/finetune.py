@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peak_flops_per_device = 0.0
     config.profile_steps = 0
     config.hang_timeout_s = 1800.0  # no finished step / eval batch / phase heartbeat for this long: log stacks, exit 3
+    # A CPU host (single process) as this many JAX devices, data parallel; 0: one per core (at most 8)
+    # that divides the batches; 1: JAX's default. XLA_FLAGS' device count wins (cluster.split_cpu_host).
+    config.cpu_devices = 0
     config.drop_path_rate = 0.1  # the last encoder layer's; linear from 0 in the first (FAIR/timm)
 
     config.mesh = ml_collections.ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))

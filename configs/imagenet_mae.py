@@ -67,6 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.peak_flops_per_device = 0.0  # set to report MFU (e.g. 1.97e14 for a v5e chip, bf16)
     config.profile_steps = 0  # >0: a profiler trace of that many steps into WORKDIR/profile
     config.hang_timeout_s = 1800.0  # no finished step / eval batch / phase heartbeat for this long: log stacks, exit 3
+    # A CPU host (single process) as this many JAX devices, data parallel; 0: one per core (at most 8)
+    # that divides the batches; 1: JAX's default. XLA_FLAGS' device count wins (cluster.split_cpu_host).
+    config.cpu_devices = 0
     # k-NN accuracy of frozen cls features at eval steps ("" = off): bank split, query split.
     # Every eval encodes both, so use slices on ImageNet (e.g. "train[:2%]", "validation[:10%]").
     config.knn_split = ""

@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.random_init = False  # True: init_from's architecture with random weights (a baseline)
     config.matmul_precision = "default"
     config.hang_timeout_s = 1800.0  # no finished step / eval batch / phase heartbeat for this long: log stacks, exit 3
+    # A CPU host (single process) as this many JAX devices, data parallel; 0: one per core (at most 8)
+    # that divides the batches; 1: JAX's default. XLA_FLAGS' device count wins (cluster.split_cpu_host).
+    config.cpu_devices = 0
 
     config.mesh = ml_collections.ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))
     config.axis_rules = [

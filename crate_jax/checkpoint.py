@@ -97,13 +97,27 @@ def restore_params(path, abstract_params) -> tuple[Any, dict[str, Any], int]:
 
 
 def load(path, **overrides) -> tuple[Any, Any]:
-    """(model, params) from a checkpoint directory alone; `overrides` change the model's
-    non-structural fields (e.g. mask_ratio=0.0, scan_layers=False for analysis)."""
+    """(model, params) from a checkpoint directory alone, whatever devices wrote it: the params
+    on this process's first device (replicated over all devices with several processes).
+    `overrides` change the model's non-structural fields (e.g. mask_ratio=0.0,
+    scan_layers=False for analysis)."""
     meta = read_meta(path)
     spec = meta["model"]
     saved = models.build(spec["name"], **spec["overrides"])
     model = models.build(spec["name"], **dict(spec["overrides"], **overrides))
-    params, _, _ = restore_params(path, models.abstract_params(saved))
+    # A target sharding of this run's devices: without one Orbax restores onto the saved device
+    # layout and refuses a checkpoint written on another device count. One process: its first
+    # device. Several: replicated over all devices, a global array the caller can reshard
+    # (JAX's CPU backend cannot move a one-device array across processes).
+    if jax.process_count() == 1:
+        target = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    else:
+        every_device = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+        target = jax.sharding.NamedSharding(every_device, jax.sharding.PartitionSpec())
+    abstract = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), models.abstract_params(saved)
+    )
+    params, _, _ = restore_params(path, abstract)
     return model, models.to_layout(params, model.scan_layers)
 
 

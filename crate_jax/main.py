@@ -67,6 +67,7 @@ def main(argv):
     logging.getLogger("absl").addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cluster.split_cpu_host_for(FLAGS.config, FLAGS.coordinator_address)
     cluster.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     if FLAGS.keep_freed_memory and jax.default_backend() == "cpu":
         host_memory.keep_freed_memory()

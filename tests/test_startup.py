@@ -85,3 +85,45 @@ def test_multi_process_cpu_runs_skip_the_compilation_cache_only_where_it_hangs()
     assert not cached_cpu_collectives_hang("0.10.2") and not cached_cpu_collectives_hang("0.11.2")
     assert cached_cpu_collectives_hang("0.12.1") and cached_cpu_collectives_hang("0.12.0.1")
     assert cached_cpu_collectives_hang("1.0.0.dev20270101")
+
+
+def test_cpu_device_count_is_one_per_core_that_divides_the_batches():
+    assert cluster.cpu_device_count(0, 2, [32, 64]) == 2
+    assert cluster.cpu_device_count(0, 3, [32, 64]) == 2  # 3 does not divide 32
+    assert cluster.cpu_device_count(0, 6, [24, 36]) == 6
+    assert cluster.cpu_device_count(0, 64, [4096, 1024]) == cluster.MAX_AUTO_CPU_DEVICES
+    assert cluster.cpu_device_count(0, 2, [33]) == 1
+    assert cluster.cpu_device_count(0, 0, [32]) == 1
+    assert cluster.cpu_device_count(3, 2, [32]) == 3  # explicit: the trainer's batch check names the mismatch
+    with pytest.raises(ValueError, match=r"config.cpu_devices=-1 must be >= 0"):
+        cluster.cpu_device_count(-1, 2, [32])
+
+
+SPLIT = """
+import jax
+from crate_jax import cluster
+print(cluster.split_cpu_host({cpu_devices}, [32, 64], multi_process={multi}), jax.device_count())
+"""
+
+
+AUTO = cluster.cpu_device_count(0, len(os.sched_getaffinity(0)), [32, 64])
+
+
+@pytest.mark.parametrize(
+    "cpu_devices, multi, xla_flags, expected",
+    [
+        (0, False, "", f"{AUTO if AUTO > 1 else None} {AUTO}"),
+        (3, False, "", "3 3"),
+        (1, False, "", "None 1"),
+        (3, True, "", "None 1"),  # processes sharing a host keep one device each
+        (3, False, "--xla_force_host_platform_device_count=5", "None 5"),  # the user's count wins
+    ],
+)
+def test_split_cpu_host_sets_jax_devices_before_start(cpu_devices, multi, xla_flags, expected):
+    # A fresh process each: JAX takes the device count once, when its backend starts.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    env |= {"XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    code = SPLIT.format(cpu_devices=cpu_devices, multi=multi)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == expected

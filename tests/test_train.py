@@ -168,6 +168,9 @@ def test_restore_8_devices_onto_4(tmp_path, data_dir, reference):
     proc = run(tmp_path, data_dir, "--config.total_steps=6", *overrides, devices=4)
     assert "resumed from step 3" in proc.stderr
     assert_close(losses(tmp_path), losses(reference), [1, 2, 3, 4, 5, 6])
+    # What analysis and export read: the 4-device checkpoint, loaded in this one-device process
+    # (Orbax refused it before `checkpoint.load` gave a target device). 1.5e-8 apart, 2026-12-08.
+    assert_params_close(params(tmp_path), params(reference))
 
 
 def _free_port() -> int:

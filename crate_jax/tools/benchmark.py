@@ -6,11 +6,12 @@ r"""Train-step benchmark: throughput, compile time, memory, FLOPs and MFU, optio
 
 Any training config works: the step is the trainer's own (`step.make_train_step` on the
 config's mesh, state born sharded and donated), fed synthetic in-memory batches of the
-config's shape, so no dataset is needed. Per variant it reports images/s (median of the
-timed steps, each blocked on), compile time, the compiled memory analysis, FLOPs per image
-(analytic, `crate_jax/tools/flops.py`, of the computation as executed) beside XLA's
-`cost_analysis`, and MFU against the fp32 matmul rate of this machine measured in the same
-run (a large jnp matmul, best of several).
+config's shape, so no dataset is needed; on a CPU host it splits the host into
+`config.cpu_devices` JAX devices as the trainer does (`cluster.split_cpu_host`). Per variant
+it reports images/s (median of the timed steps, each blocked on), compile time, the
+compiled memory analysis, FLOPs per image (analytic, `crate_jax/tools/flops.py`, of the
+computation as executed) beside XLA's `cost_analysis`, and MFU against the fp32 matmul rate
+of this machine measured in the same run (a large jnp matmul, best of several).
 
 A variant is the config as given ("default") or `+`-joined overrides of its model, e.g.
 `visible+bf16` (names in `VARIANTS`). `--torch` adds the PyTorch baselines of the released
@@ -48,6 +49,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from crate_jax import cluster
 from crate_jax.host_memory import keep_freed_memory
 from crate_jax.tools import kernel_profile
 
@@ -544,8 +546,7 @@ def main(argv):
             with open(FLAGS.out, "w") as f:
                 json.dump(rows, f, indent=2)
 
-    if FLAGS.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    cluster.split_cpu_host_for(FLAGS.config)  # as the trainer: config.cpu_devices
     results = run(
         FLAGS.config,
         FLAGS.variants,
@@ -578,7 +579,6 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("profile", "", "Trace a few steps of each JAX variant into this directory; print top kernels.")
     flags.DEFINE_string("torch_module", "tests.torch_reference", "Module holding the PyTorch CrateMAE / FairMAE.")
-    flags.DEFINE_integer("cpu_devices", 0, "On CPU: split the host into this many JAX devices (0: JAX's default).")
     flags.DEFINE_bool(
         "keep_freed_memory",
         True,
