@@ -44,7 +44,7 @@ def split_cpu_host(cpu_devices: int, batch_sizes: Sequence[int], multi_process: 
     this process may use (at most MAX_AUTO_CPU_DEVICES), lowered to the largest count that
     divides every one of `batch_sizes`; 1: JAX's default, one device. A device count the user
     set (XLA_FLAGS' --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES) wins, and
-    processes that share a host (`multi_process`) keep one device each. Harmless on GPU/TPU
+    a multi-process run (whose processes may share a host) keeps JAX's default. Harmless on GPU/TPU
     hosts: JAX then runs on the accelerator and the CPU devices go unused."""
     count = cpu_device_count(cpu_devices, len(os.sched_getaffinity(0)), batch_sizes)
     user_set = "--xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")

@@ -115,7 +115,7 @@ AUTO = cluster.cpu_device_count(0, len(os.sched_getaffinity(0)), [32, 64])
         (0, False, "", f"{AUTO if AUTO > 1 else None} {AUTO}"),
         (3, False, "", "3 3"),
         (1, False, "", "None 1"),
-        (3, True, "", "None 1"),  # processes sharing a host keep one device each
+        (3, True, "", "None 1"),  # multi-process runs (which may share a host) keep JAX's default
         (3, False, "--xla_force_host_platform_device_count=5", "None 5"),  # the user's count wins
     ],
 )
