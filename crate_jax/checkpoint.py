@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from crate_jax import models, storage
+from crate_jax import models, sharding, storage
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -112,8 +112,7 @@ def load(path, **overrides) -> tuple[Any, Any]:
     if jax.process_count() == 1:
         target = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     else:
-        every_device = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
-        target = jax.sharding.NamedSharding(every_device, jax.sharding.PartitionSpec())
+        target = sharding.replicated(jax.sharding.Mesh(np.asarray(jax.devices()), ("all",)))
     abstract = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), models.abstract_params(saved)
     )
